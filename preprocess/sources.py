@@ -1,0 +1,120 @@
+"""Where an image's bytes come from: data URLs, bare base64 payloads and remote URLs.
+
+Everything here works on the encoded form without decoding a whole payload on the event loop:
+the size is computed from the base64 length, and only a growing prefix is decoded to read the
+image header (`header_prefix`).
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .probe import ImageHeader, NeedMoreData, ProbeError, probe
+
+
+class SourceError(ValueError):
+    """An image source that cannot be used; the message says why (the caller adds which part)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InlineImage:
+    """A base64 payload carried in the request (data URL or Anthropic base64 source)."""
+
+    media_type: str | None
+    b64: str
+
+    @property
+    def nbytes(self) -> int:
+        return b64_decoded_len(self.b64)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteImage:
+    url: str
+    host: str
+
+
+Source = InlineImage | RemoteImage
+
+_DATA_URL = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
+_B64_TAIL = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def b64_decoded_len(b64: str) -> int:
+    """Decoded size of a base64 string from its length alone (padding counted, no decode)."""
+    n = len(b64)
+    pad = 2 if b64.endswith("==") else 1 if b64.endswith("=") else 0
+    return n // 4 * 3 - pad if n % 4 == 0 else n * 3 // 4
+
+
+def parse_image_url(url: str) -> Source:
+    """A chat `image_url.url` / Responses `image_url`: a data URL or an http(s) URL."""
+    if url[:5].lower() == "data:":
+        return parse_data_url(url)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        if not parts.hostname:
+            raise SourceError("URL has no host")
+        return RemoteImage(url=url, host=parts.hostname.lower())
+    if not scheme:
+        raise SourceError("expected a data: URL or an http(s):// URL")
+    raise SourceError(f"URL scheme {scheme!r} is not allowed (use data: or http(s)://)")
+
+
+def parse_data_url(url: str) -> InlineImage:
+    match = _DATA_URL.match(url[:512])
+    if match is None:
+        raise SourceError("malformed data URL (expected data:<media type>;base64,<data>)")
+    params = [p.strip().lower() for p in match.group(2).split(";") if p.strip()]
+    if "base64" not in params:
+        raise SourceError("data URL must be base64-encoded (data:<media type>;base64,...)")
+    media_type = match.group(1).strip().lower() or None
+    if media_type is not None and not media_type.startswith("image/"):
+        raise SourceError(f"data URL media type {media_type!r} is not an image type")
+    return InlineImage(media_type=media_type, b64=url[match.end() :])
+
+
+def check_b64_shape(b64: str) -> None:
+    """Cheap structural check of a base64 payload: length and the padding at its end."""
+    if not b64:
+        raise SourceError("empty image data")
+    if len(b64) % 4 == 1:
+        raise SourceError("invalid base64 data (length is not valid for base64)")
+    if _B64_TAIL.fullmatch(b64[-4:]) is None:
+        raise SourceError("invalid base64 data (bad characters or padding at the end)")
+
+
+def header_prefix(b64: str, *, start: int = 4096, limit: int = 1 << 20) -> ImageHeader:
+    """Probe an inline image's header by decoding growing prefixes of its base64 text.
+
+    JPEG headers can sit behind large APP segments (EXIF thumbnails, ICC profiles), so the prefix
+    doubles until the probe has what it needs, up to `limit` bytes of base64 (then the whole payload).
+    """
+    size = start
+    while True:
+        chunk = b64[: size - size % 4] if size < len(b64) else b64
+        try:
+            data = binascii.a2b_base64(chunk.encode("ascii"), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError) as exc:
+            raise SourceError(f"invalid base64 data ({_b64_reason(exc)})") from None
+        try:
+            return probe(data)
+        except NeedMoreData as exc:
+            if chunk is b64:
+                raise SourceError(f"truncated image: {exc}") from None
+            size = max(size * 2, 4 * ((exc.need or 0) + 2) // 3 + 4)
+            if size > limit:
+                size = len(b64)
+        except ProbeError as exc:
+            raise SourceError(str(exc)) from None
+
+
+def _b64_reason(exc: Exception) -> str:
+    if isinstance(exc, UnicodeEncodeError):
+        return "non-ASCII characters"
+    text = str(exc)
+    return text[0].lower() + text[1:] if text else "undecodable"

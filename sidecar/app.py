@@ -1,0 +1,149 @@
+"""The app factory and the resources an app owns, each in a `cleanup_ctx` (torn down in reverse order).
+
+`create_app(config)` builds everything from the config and holds no global state, so tests can run
+many apps side by side. `serve(config)` runs one with the shutdown order operators expect:
+SIGTERM -> `/readyz` 503 and new API requests 503 at once -> in-flight requests finish within
+`server.shutdown_timeout_s` -> listeners close -> queued waiters fail -> upstream session closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from .app_keys import CONFIG, METRICS, POOL, STATE, UPSTREAM, ServerState
+from .config import Config
+from .errors import Cause, SidecarError
+from .families import ROUTES, error_response, family_of_path
+from .gate import SlotPool
+from .metrics import Metrics
+from .routes import ApiHandler, healthz, passthrough, readyz, request_id_of
+from .upstream import Upstream
+
+log = logging.getLogger("mm_sidecar")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count API requests in flight, and refuse new ones with 503 once shutdown has begun."""
+    config = request.app[CONFIG]
+    if request.path in ("/healthz", "/readyz", config.metrics.path):
+        return await handler(request)
+    state = request.app[STATE]
+    if state.draining:
+        error = SidecarError(Cause.SHUTTING_DOWN, "the sidecar is shutting down; retry on another replica")
+        return error_response(
+            family_of_path(request.path),
+            error,
+            request_id=request_id_of(request),
+            retry_after_s=config.gate.retry_after_s,
+        )
+    state.enter()
+    try:
+        return await handler(request)
+    finally:
+        state.leave()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    upstream = Upstream(app[CONFIG].upstream, app[METRICS])
+    app[UPSTREAM] = upstream
+    yield
+    await upstream.close()
+
+
+async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # Queued requests get a clean 503; leases still held are released by their handlers' finally.
+    app[POOL].close()
+
+
+def create_app(config: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry)
+    gate = config.gate
+    pool = SlotPool(
+        max_concurrent=gate.max_concurrent,
+        max_bytes=gate.max_bytes,
+        max_queue=gate.max_queue,
+        queue_timeout_s=gate.queue_timeout_s,
+        on_change=metrics.pool_changed,
+    )
+    metrics.pool_changed(pool.stats())
+
+    # Bodies are read by our own size-capped reader; aiohttp's cap only guards other paths.
+    app = web.Application(middlewares=[drain_middleware], client_max_size=config.server.max_body_bytes)
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[POOL] = pool
+    app[STATE] = ServerState()
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_pool_ctx)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get(config.metrics.path, make_aiohttp_handler(registry))
+    for route in ROUTES:
+        app.router.add_post(route.path, ApiHandler(route).handle)
+    app.router.add_get("/v1/models", passthrough)
+    app.router.add_route("*", "/{tail:.*}", passthrough)
+    return app
+
+
+async def drain(app: web.Application, timeout_s: float) -> bool:
+    """Stop taking API requests and wait for those in flight; True if all finished in time."""
+    state = app[STATE]
+    state.draining = True
+    log.info("draining: %d API requests in flight, waiting up to %.1f s", state.inflight, timeout_s)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await state.idle.wait()
+        return True
+    except TimeoutError:
+        log.warning("drain deadline passed with %d requests in flight; cancelling them", state.inflight)
+        return False
+
+
+async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then shut down in order."""
+    app = create_app(config)
+    # handler_cancellation: a client that disconnects cancels its handler, which releases its lease
+    # or leaves the queue at once instead of holding a slot for a reader who is gone.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+    await site.start()
+    address = _address(runner)
+    log.info("mm-sidecar listening on %s (upstream %s, mode %s)", address, config.upstream.url, config.upstream.mode)
+    if ready is not None:
+        ready(address)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutdown requested")
+        await drain(app, config.server.shutdown_timeout_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        log.info("mm-sidecar stopped")
+
+
+def _address(runner: web.AppRunner) -> str:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            host, port = addr[0], addr[1]
+            return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    return str(runner.addresses[0]) if runner.addresses else "?"

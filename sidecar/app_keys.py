@@ -1,0 +1,41 @@
+"""Typed keys for the state an app shares with its handlers (aiohttp `web.AppKey`)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .config import Config
+from .gate import SlotPool
+from .metrics import Metrics
+from .upstream import Upstream
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What shutdown needs: whether we are draining, and how many API requests are in flight."""
+
+    draining: bool = False
+    inflight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever inflight is 0
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+POOL = web.AppKey("pool", SlotPool)
+UPSTREAM = web.AppKey("upstream", Upstream)
+STATE = web.AppKey("state", ServerState)

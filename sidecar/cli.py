@@ -1,0 +1,124 @@
+"""`mm-sidecar` commands: serve, check-config, echo-upstream, run (the main job)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+from aiohttp import web
+
+from . import config as cfg
+from .app import serve
+from .echo import EchoEngine
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "sidecar.yaml"
+EXIT_CONFIG = 2
+
+
+def _load(path: str) -> cfg.Config:
+    try:
+        return cfg.load(path)
+    except cfg.ConfigError as exc:
+        print(f"mm-sidecar: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(yaml.safe_dump(cfg.to_mapping(config), sort_keys=False), end="")
+    print(f"# {args.config}: OK", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _cmd_echo(args: argparse.Namespace) -> int:
+    engine = EchoEngine(prefill_s=args.prefill_s, token_s=args.token_s, tokens=args.tokens)
+    web.run_app(engine.app(), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+async def _run_with_echo(config: cfg.Config) -> None:
+    """The main job until the reference engine exists: the echo upstream and the sidecar in one loop."""
+    parts = urlsplit(config.upstream.url)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
+        raise SystemExit(f"mm-sidecar run: upstream.url must be http://127.0.0.1:PORT, got {config.upstream.url}")
+    engine = EchoEngine(prefill_s=0.05, token_s=0.01, tokens=8)
+    runner = web.AppRunner(engine.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, parts.hostname, parts.port).start()
+    try:
+
+        def ready(address: str) -> None:
+            print(
+                f"\nmm-sidecar is serving on {address} in front of the built-in echo upstream "
+                f"({config.upstream.url}).\n"
+                f"  try:    curl -s {address}/v1/chat/completions -H 'content-type: application/json' "
+                '-d \'{"model":"echo","messages":[{"role":"user","content":[{"type":"image_url",'
+                '"image_url":{"url":"data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4'
+                'nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"}},{"type":"text","text":"hi"}]}]}\'\n'
+                f"  metrics: {address}{config.metrics.path}\n  Ctrl-C stops.\n",
+                flush=True,
+            )
+
+        await serve(config, ready=ready)
+    finally:
+        await runner.cleanup()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if args.port is not None:
+        config = replace(config, server=replace(config.server, port=args.port))
+    asyncio.run(_run_with_echo(config))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mm-sidecar", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the sidecar")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("run", help="the main job: the sidecar in front of the built-in echo upstream")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--port", type=int, default=None, help="override server.port")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("echo-upstream", help="a small OpenAI/Anthropic-compatible echo server for testing")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--prefill-s", type=float, default=0.0, dest="prefill_s")
+    p.add_argument("--token-s", type=float, default=0.0, dest="token_s")
+    p.add_argument("--tokens", type=int, default=8)
+    p.set_defaults(func=_cmd_echo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The sidecar's configuration: a tree of frozen dataclasses, loaded from YAML and validated once.
+
+Every field carries its bounds in `field(metadata=...)`; the loader walks the dataclasses, converts
+each YAML value to the field's type and reports the first problem as one line that names the key
+path (`gate.max_concurrent: must be >= 1, got 0`). Nothing here is read again after start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message is one line naming the key path."""
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string such as `4GiB`, `512 MB`, `1.5Gi`; raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a size (bytes or a string like '4GiB'), got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            number = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+            if number.denominator == 1:
+                return int(number)
+    raise ValueError(f"must be a size (bytes or a string like '4GiB'), got {value!r}")
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+class Size(int):
+    """A byte count; YAML may spell it `4GiB`. A marker type for the loader."""
+
+
+def _bounds(*, ge: float | None = None, le: float | None = None, doc: str = "") -> dict[str, Any]:
+    return {"ge": ge, "le": le, "doc": doc}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata=_bounds(doc="address to listen on"))
+    port: int = field(default=8000, metadata=_bounds(ge=0, le=65535, doc="TCP port (0: any free port)"))
+    max_body_bytes: Size = field(
+        default=Size(64 * 1024**2), metadata=_bounds(ge=1024, doc="largest request body accepted (413 above)")
+    )
+    shutdown_timeout_s: float = field(
+        default=30.0, metadata=_bounds(ge=0, doc="how long in-flight requests may run after SIGTERM")
+    )
+    memory_limit: Size | None = field(
+        default=None, metadata=_bounds(ge=1, doc="container memory limit; start-up fails above it")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = field(
+        default="http://127.0.0.1:8001", metadata=_bounds(doc="engine base URL: http(s):// or unix:///path")
+    )
+    mode: Literal["passthrough", "offload"] = field(
+        default="passthrough", metadata=_bounds(doc="passthrough: forward images inline; offload: tensors over shm")
+    )
+    connect_timeout_s: float = field(default=5.0, metadata=_bounds(ge=0.001, doc="TCP/UDS connect timeout"))
+    ack_timeout_s: float = field(
+        default=300.0, metadata=_bounds(ge=0.001, doc="longest wait for the engine's ack of a multimodal request")
+    )
+    read_timeout_s: float | None = field(
+        default=None, metadata=_bounds(ge=0.001, doc="longest silence between response chunks (null: none)")
+    )
+    stream_upgrade: bool = field(
+        default=True, metadata=_bounds(doc="send non-streaming multimodal requests upstream as streams")
+    )
+    health_path: str = field(default="/health", metadata=_bounds(doc="engine path probed by /readyz"))
+    max_connections: int = field(default=1024, metadata=_bounds(ge=1, doc="connection pool size to the engine"))
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme in ("http", "https"):
+            if not parts.hostname:
+                raise ValueError(f"url: must name a host, got {self.url!r}")
+        elif parts.scheme == "unix":
+            if not parts.path.startswith("/"):
+                raise ValueError(f"url: unix:// needs an absolute socket path, got {self.url!r}")
+        else:
+            raise ValueError(f"url: must start with http://, https:// or unix://, got {self.url!r}")
+        if not self.health_path.startswith("/"):
+            raise ValueError(f"health_path: must start with '/', got {self.health_path!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    max_concurrent: int = field(default=2, metadata=_bounds(ge=1, doc="multimodal requests holding a slot at once"))
+    max_bytes: Size = field(
+        default=Size(1024**3), metadata=_bounds(ge=1, doc="bytes reserved by multimodal requests at once")
+    )
+    max_queue: int = field(default=64, metadata=_bounds(ge=0, doc="waiters beyond which requests get 429"))
+    queue_timeout_s: float = field(default=30.0, metadata=_bounds(ge=0, doc="longest wait in the queue"))
+    retry_after_s: float = field(default=1.0, metadata=_bounds(ge=0, doc="Retry-After sent with 429/529"))
+    anthropic_overload_status: Literal[429, 529] = field(
+        default=429, metadata=_bounds(doc="status for overload on Anthropic routes")
+    )
+    unknown_image_bytes: Size = field(
+        default=Size(12 * 1024**2),
+        metadata=_bounds(ge=1, doc="reservation for a part whose size the sidecar cannot read (URL, video, audio)"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_images_per_request: int = field(default=16, metadata=_bounds(ge=0, doc="media parts in one request"))
+    max_image_bytes: Size = field(default=Size(20 * 1024**2), metadata=_bounds(ge=1, doc="encoded bytes of one part"))
+    max_image_pixels: int = field(
+        default=40_000_000, metadata=_bounds(ge=1, doc="width x height of one image (decompression bombs)")
+    )
+    allow_remote_urls: bool = field(default=False, metadata=_bounds(doc="accept http(s) image URLs"))
+    allowed_hosts: tuple[str, ...] = field(
+        default=(), metadata=_bounds(doc="when set, the only hosts remote URLs may name")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    path: str = field(default="/metrics", metadata=_bounds(doc="path that serves Prometheus metrics"))
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError(f"path: must start with '/', got {self.path!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        if self.metrics.path in ("/healthz", "/readyz") or self.metrics.path.startswith("/v1/"):
+            raise ValueError(f"metrics.path: must not shadow a served route, got {self.metrics.path!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Size:
+        return "a size"
+    if tp is bool:
+        return "a boolean"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    return str(tp)
+
+
+def _convert(path: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(path, value, args[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            raise ConfigError(f"{path}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: must be a list, got {value!r}")
+        return tuple(_convert(f"{path}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(path, value, tp)
+    if tp is Size:
+        try:
+            return Size(parse_size(value))
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: must be a boolean, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {path} has an unsupported type {tp!r}")  # a bug in this module
+
+
+def _build(prefix: str, raw: Any, cls: Any) -> Any:
+    where = prefix or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"{_join(prefix, str(key))}: unknown key (known: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        path = _join(prefix, name)
+        value = _convert(path, raw[name], hints[name])
+        lo, hi = f.metadata.get("ge"), f.metadata.get("le")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if lo is not None and value < lo:
+                raise ConfigError(f"{path}: must be >= {lo}, got {raw[name]!r}")
+            if hi is not None and value > hi:
+                raise ConfigError(f"{path}: must be <= {hi}, got {raw[name]!r}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        # __post_init__ checks name their key relative to the section; prefix it.
+        raise ConfigError(_join(prefix, str(exc)) if prefix else str(exc)) from None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def from_mapping(raw: Any) -> Config:
+    """Validate a parsed YAML document; raises ConfigError naming the first bad key."""
+    config: Config = _build("", raw, Config)
+    return config
+
+
+def load(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: {problem}{where}") from None
+    return from_mapping(raw)
+
+
+def to_mapping(config: Any) -> dict[str, Any]:
+    """The effective config as plain data (what `check-config` prints)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_mapping(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        elif isinstance(value, Size):
+            out[f.name] = int(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def describe(cls: Any = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key path, default, doc) for every leaf key: the README's config reference is generated from it."""
+    rows: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(cls):
+        path = _join(prefix, f.name)
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                rows.extend(describe(type(default), path))
+                continue
+        else:
+            default = f.default
+        rows.append((path, default, f.metadata.get("doc", "")))
+    return rows

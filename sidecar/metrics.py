@@ -1,0 +1,77 @@
+"""Prometheus metrics, base units, prefix `mm_sidecar_`, on a registry passed in (tests build many apps).
+
+Workers and the engine do not write metrics: they report timings to the sidecar, which records them
+here, so prometheus_client's multiprocess mode is never needed.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .gate import PoolStats
+
+# Sub-millisecond proxy work up to multi-minute queues and generations.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.slots_in_use = Gauge(
+            "mm_sidecar_slots_in_use", "Multimodal requests holding a gate slot", registry=registry
+        )
+        self.slots_capacity = Gauge("mm_sidecar_slots_capacity", "gate.max_concurrent", registry=registry)
+        self.reserved_bytes = Gauge(
+            "mm_sidecar_reserved_bytes", "Bytes reserved by admitted multimodal requests", registry=registry
+        )
+        self.capacity_bytes = Gauge("mm_sidecar_capacity_bytes", "gate.max_bytes", registry=registry)
+        self.queue_depth = Gauge("mm_sidecar_queue_depth", "Multimodal requests waiting for a slot", registry=registry)
+        self.inflight = Gauge("mm_sidecar_inflight_requests", "API requests being served", ["kind"], registry=registry)
+        self.queue_wait = Histogram(
+            "mm_sidecar_queue_wait_seconds",
+            "Time a multimodal request waited for a slot (admitted or not)",
+            buckets=_QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.ack_latency = Histogram(
+            "mm_sidecar_upstream_ack_seconds",
+            "From forwarding a multimodal request to the engine's ack (slot released)",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "mm_sidecar_request_duration_seconds",
+            "End-to-end duration of API requests",
+            ["family", "kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.requests = Counter(
+            "mm_sidecar_requests",
+            "API requests by route family, kind (text|multimodal) and outcome",
+            ["family", "kind", "outcome"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "mm_sidecar_rejections", "Requests refused by the sidecar, by reason", ["reason"], registry=registry
+        )
+        self.upstream_responses = Counter(
+            "mm_sidecar_upstream_responses",
+            "Engine responses by status class (2xx, 4xx, 5xx, error: no response)",
+            ["status_class"],
+            registry=registry,
+        )
+        self.media_parts = Counter(
+            "mm_sidecar_media_parts", "Media parts seen in admitted requests", ["media"], registry=registry
+        )
+
+    def pool_changed(self, stats: PoolStats) -> None:
+        self.slots_in_use.set(stats.leases)
+        self.reserved_bytes.set(stats.reserved_bytes)
+        self.queue_depth.set(stats.queued)
+        self.slots_capacity.set(stats.max_concurrent)
+        self.capacity_bytes.set(stats.max_bytes)
+
+    def upstream_status(self, status: int | None) -> None:
+        self.upstream_responses.labels("error" if status is None else f"{status // 100}xx").inc()

@@ -1,0 +1,165 @@
+"""HTTP handlers: the four API routes, pass-through for everything else, and the local endpoints.
+
+An API request goes: read the body (size-capped) -> parse -> classify. Text goes straight to the
+engine. Multimodal waits for a lease from the slot pool, then goes to the engine; the lease is
+released at the engine's ack (see `upstream.py`) or on whatever else ends the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .app_keys import CONFIG, METRICS, POOL, STATE, UPSTREAM
+from .assemble import can_upgrade, upgrade_request
+from .classify import classify
+from .errors import Cause, SidecarError
+from .families import Family, Route, error_response, family_of_path
+from .upstream import Forward, request_headers
+
+KIND = web.RequestKey("mm_kind", str)  # "text" | "multimodal", once classified
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id_of(request: web.Request) -> str:
+    """Keep a sane client `x-request-id` (for tracing across the hop), else make one."""
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+async def read_body(request: web.Request) -> bytes:
+    limit = request.app[CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise SidecarError(
+            Cause.BODY_TOO_LARGE,
+            f"request body is {request.content_length} bytes, more than server.max_body_bytes={limit}",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise SidecarError(Cause.BODY_TOO_LARGE, f"request body is more than server.max_body_bytes={limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise SidecarError(Cause.BAD_JSON, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SidecarError(Cause.BAD_JSON, "request body must be a JSON object")
+    return data
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status in (429, 529):
+        return "rejected"
+    return "client_error" if status < 500 else "error"
+
+
+class ApiHandler:
+    """POST handler for one API route (chat, completions, responses, messages)."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        app = request.app
+        config, metrics = app[CONFIG], app[METRICS]
+        request_id = request_id_of(request)
+        started = time.monotonic()
+        kind = "text"
+        outcome = "cancelled"  # overwritten unless the client goes away first
+        try:
+            response = await self._handle(request, request_id)
+            kind = request.get(KIND, "text")
+            outcome = _outcome(response.status)
+            return response
+        except SidecarError as error:
+            kind = request.get(KIND, "text")
+            outcome = _outcome(error.status)
+            metrics.rejections.labels(error.cause.code).inc()
+            return error_response(
+                self.route.family,
+                error,
+                request_id=request_id,
+                retry_after_s=config.gate.retry_after_s,
+                anthropic_overload_status=config.gate.anthropic_overload_status,
+            )
+        except (ConnectionResetError, asyncio.CancelledError):
+            kind = request.get(KIND, "text")
+            raise
+        finally:
+            metrics.requests.labels(self.route.family, kind, outcome).inc()
+            metrics.request_duration.labels(self.route.family, kind).observe(time.monotonic() - started)
+
+    async def _handle(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        app = request.app
+        config, metrics, pool = app[CONFIG], app[METRICS], app[POOL]
+        body = await read_body(request)
+        data = parse_json(body)
+        found = classify(self.route.kind, data, config.limits, config.gate)
+        request[KIND] = found.kind
+        headers = request_headers(request.headers, request_id)
+        fwd = Forward(request.method, request.path_qs, headers, body, self.route.family, request_id)
+        if not found.multimodal:
+            return await app[UPSTREAM].forward(request, fwd)
+
+        queued_at = time.monotonic()
+        try:
+            lease = await pool.acquire(found.cost)
+        finally:
+            metrics.queue_wait.observe(time.monotonic() - queued_at)
+        with lease:
+            for part in found.parts:
+                metrics.media_parts.labels(part.media).inc()
+            if config.upstream.stream_upgrade and can_upgrade(self.route.kind, data):
+                fwd = Forward(
+                    fwd.method,
+                    fwd.path_qs,
+                    headers,
+                    orjson.dumps(upgrade_request(self.route.kind, data)),
+                    fwd.family,
+                    request_id,
+                    lease=lease,
+                    assemble=self.route.kind,
+                )
+            else:
+                fwd = Forward(fwd.method, fwd.path_qs, headers, body, fwd.family, request_id, lease=lease)
+            return await app[UPSTREAM].forward(request, fwd)
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Any other path (and GET /v1/models): forwarded unchanged, never gated."""
+    request_id = request_id_of(request)
+    family: Family = family_of_path(request.path)
+    try:
+        body = await read_body(request)
+        headers = request_headers(request.headers, request_id)
+        fwd = Forward(request.method, request.path_qs, headers, body, family, request_id)
+        return await request.app[UPSTREAM].forward(request, fwd)
+    except SidecarError as error:
+        return error_response(family, error, request_id=request_id)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATE].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if not await request.app[UPSTREAM].healthy():
+        return web.json_response({"status": "upstream unreachable"}, status=503)
+    return web.json_response({"status": "ready"})

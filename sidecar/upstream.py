@@ -1,0 +1,265 @@
+"""The engine side of the proxy: one ClientSession per app, forwarding, streaming, and the ack.
+
+The ack is the moment a multimodal request stops needing its slot:
+- a streamed answer: its first body chunk (engines answer headers before their own preprocessing;
+  the first chunk comes after prefill started);
+- a stream the sidecar asked for on the client's behalf (`stream_upgrade`): the same first chunk,
+  then the SSE stream is re-assembled into the JSON answer the client asked for;
+- anything else (a plain JSON answer, an error): the complete answer.
+The lease is released at the ack or, exactly once, on any other ending (see `gate.Lease`).
+
+Bytes are passed through as they arrive: no buffering of SSE, hop-by-hop headers dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .assemble import Kind, StreamError, assembler_for
+from .config import UpstreamConfig
+from .errors import Cause, SidecarError
+from .families import Family, error_event
+from .gate import Lease
+from .metrics import Metrics
+from .sse import SSEParser
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus those aiohttp computes itself on each side.
+_HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Trailers",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+# aiohttp decompresses upstream bodies and writes its own Server/Date: never copy those back.
+_RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding", "server", "date"}
+_REQUEST_DROP = _HOP_BY_HOP | {"accept-encoding", "expect"}
+
+
+def request_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    out = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _REQUEST_DROP)
+    for name in _connection_listed(headers):
+        out.popall(name, None)
+    out["x-request-id"] = request_id
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    out = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _RESPONSE_DROP)
+    for name in _connection_listed(headers):
+        out.popall(name, None)
+    out["x-request-id"] = request_id
+    return out
+
+
+def _connection_listed(headers: CIMultiDictProxy[str]) -> list[str]:
+    """Headers named in `Connection:` are hop-by-hop too (RFC 9110 7.6.1)."""
+    return [t.strip() for v in headers.getall("Connection", []) for t in v.split(",") if t.strip()]
+
+
+def _is_sse(resp: aiohttp.ClientResponse) -> bool:
+    return resp.content_type == "text/event-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One request to send to the engine, and how to treat its answer."""
+
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+    family: Family
+    request_id: str
+    lease: Lease | None = None  # multimodal: released at the ack
+    assemble: Kind | None = None  # set when the sidecar upgraded a non-streaming request
+
+
+class Upstream:
+    """The engine's address and the one ClientSession used to reach it."""
+
+    def __init__(self, config: UpstreamConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        parts = urlsplit(config.url)
+        connector: aiohttp.BaseConnector
+        if parts.scheme == "unix":
+            connector = aiohttp.UnixConnector(path=parts.path, limit=config.max_connections)
+            self.base = "http://localhost"
+        else:
+            connector = aiohttp.TCPConnector(limit=config.max_connections, enable_cleanup_closed=True)
+            self.base = config.url.rstrip("/")
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+            ),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def healthy(self, timeout_s: float = 2.0) -> bool:
+        try:
+            async with self.session.get(
+                self.base + self.config.health_path, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                await resp.read()
+                return resp.status < 300
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    # -- forwarding ------------------------------------------------------------------------
+    def _ack_timeout(self) -> SidecarError:
+        return SidecarError(
+            Cause.UPSTREAM_TIMEOUT,
+            f"the engine did not accept the request within upstream.ack_timeout_s={self.config.ack_timeout_s:g}",
+        )
+
+    @contextlib.asynccontextmanager
+    async def _open(self, fwd: Forward, deadline: float | None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The engine's response (headers read); `deadline` bounds the wait for them (loop time)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await self.session.request(
+                    fwd.method, self.base + fwd.path_qs, data=fwd.body, headers=fwd.headers, allow_redirects=False
+                )
+        except aiohttp.ClientConnectorError as exc:
+            self.metrics.upstream_status(None)
+            raise SidecarError(Cause.UPSTREAM_UNAVAILABLE, f"cannot connect to the engine: {exc.os_error}") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            self.metrics.upstream_status(None)
+            raise SidecarError(Cause.UPSTREAM_UNAVAILABLE, f"the engine closed the connection: {exc}") from exc
+        except TimeoutError as exc:  # our deadline or aiohttp's connect timeout
+            self.metrics.upstream_status(None)
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                raise self._ack_timeout() from exc
+            raise SidecarError(Cause.UPSTREAM_TIMEOUT, f"the engine did not answer in time: {exc}") from exc
+        self.metrics.upstream_status(resp.status)
+        try:
+            yield resp
+        finally:
+            # An unfinished body closes the connection, so the engine sees the abort.
+            resp.release()
+
+    async def forward(self, request: web.Request, fwd: Forward) -> web.StreamResponse:
+        """Send `fwd` to the engine and answer the client; releases `fwd.lease` at the ack."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.config.ack_timeout_s if fwd.lease is not None else None
+        async with self._open(fwd, deadline) as resp:
+            try:
+                if fwd.lease is not None:
+                    first = await self._until_ack(resp, fwd, started)
+                else:
+                    first = await resp.content.readany()
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off its answer: {exc}") from exc
+            if isinstance(first, _Whole):
+                return web.Response(
+                    status=resp.status, body=first.body, headers=response_headers(resp.headers, fwd.request_id)
+                )
+            if fwd.assemble is not None and resp.status == 200 and _is_sse(resp):
+                return await self._assembled(resp, fwd, first)
+            return await self._stream(request, resp, fwd, first)
+
+    async def _until_ack(self, resp: aiohttp.ClientResponse, fwd: Forward, started: float) -> bytes | _Whole:
+        """Wait for the ack within `ack_timeout_s` (counted from forwarding), then release the lease."""
+        assert fwd.lease is not None  # the caller checked
+        try:
+            async with asyncio.timeout_at(started + self.config.ack_timeout_s):
+                if _is_sse(resp):
+                    first: bytes | _Whole = await resp.content.readany()
+                else:
+                    first = _Whole(await resp.read())
+        except TimeoutError:
+            raise self._ack_timeout() from None
+        if fwd.lease.release():
+            self.metrics.ack_latency.observe(asyncio.get_running_loop().time() - started)
+        return first
+
+    async def _stream(
+        self, request: web.Request, resp: aiohttp.ClientResponse, fwd: Forward, first: bytes
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(status=resp.status, headers=response_headers(resp.headers, fwd.request_id))
+        sse = _is_sse(resp)
+        if sse:
+            out.headers["X-Accel-Buffering"] = "no"
+            out.headers["Cache-Control"] = "no-cache"
+        await out.prepare(request)
+        if first:
+            await out.write(first)
+        try:
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # Status already sent: report in-band, as the engines themselves do.
+            if sse:
+                error = SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off the stream: {exc}")
+                with contextlib.suppress(ConnectionError):
+                    await out.write(error_event(fwd.family, error))
+            self.metrics.upstream_status(None)
+        except TimeoutError:
+            if sse:
+                error = SidecarError(
+                    Cause.UPSTREAM_TIMEOUT, "the engine went silent longer than upstream.read_timeout_s"
+                )
+                with contextlib.suppress(ConnectionError):
+                    await out.write(error_event(fwd.family, error))
+        await out.write_eof()
+        return out
+
+    async def _assembled(self, resp: aiohttp.ClientResponse, fwd: Forward, first: bytes) -> web.Response:
+        assert fwd.assemble is not None  # the caller checked
+        parser = SSEParser()
+        assembler = assembler_for(fwd.assemble)
+        try:
+            for event in parser.feed(first):
+                assembler.add(event)
+            async for chunk in resp.content.iter_any():
+                for event in parser.feed(chunk):
+                    assembler.add(event)
+            for event in parser.close():
+                assembler.add(event)
+            result: dict[str, Any] = assembler.result()
+        except StreamError as exc:
+            raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine's answer failed: {exc}") from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off its answer: {exc}") from exc
+        except TimeoutError as exc:
+            raise SidecarError(
+                Cause.UPSTREAM_TIMEOUT, "the engine went silent longer than upstream.read_timeout_s"
+            ) from exc
+        headers = response_headers(resp.headers, fwd.request_id)
+        headers.popall("Content-Type", None)
+        headers.popall("Cache-Control", None)
+        return web.Response(status=200, body=orjson.dumps(result), content_type="application/json", headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Whole:
+    """A complete non-streamed answer, read before the ack."""
+
+    body: bytes

@@ -1,0 +1,106 @@
+"""Shared fixtures: a real echo upstream on loopback, sidecar apps built from real configs, images.
+
+Fakes live here (STYLE.md 14). The upstream is the built-in `EchoEngine` on a real aiohttp server;
+`before_first_chunk` hooks let a test hold, fail or stall a request at the engine's ack point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
+
+from sidecar.app import create_app
+from sidecar.app_keys import POOL
+from sidecar.config import Config, from_mapping
+from sidecar.echo import EchoEngine
+
+
+def image_bytes(
+    width: int = 64, height: int = 48, fmt: str = "PNG", color: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, fmt)
+    return buf.getvalue()
+
+
+def data_url(width: int = 64, height: int = 48, fmt: str = "PNG") -> str:
+    mime = "image/jpeg" if fmt == "JPEG" else f"image/{fmt.lower()}"
+    return f"data:{mime};base64," + base64.b64encode(image_bytes(width, height, fmt)).decode()
+
+
+def chat_body(*, image: bool = True, stream: bool = False, text: str = "describe", **extra: Any) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    if image:
+        content.insert(0, {"type": "image_url", "image_url": {"url": data_url()}})
+    return {"model": "echo", "messages": [{"role": "user", "content": content}], "stream": stream, **extra}
+
+
+def messages_body(*, image: bool = True, stream: bool = False) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": "describe"}]
+    if image:
+        b64 = base64.b64encode(image_bytes()).decode()
+        content.insert(0, {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}})
+    return {"model": "echo", "max_tokens": 16, "messages": [{"role": "user", "content": content}], "stream": stream}
+
+
+def make_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
+    raw: dict[str, Any] = {
+        "server": {"port": 0, "shutdown_timeout_s": 5},
+        "upstream": {"url": upstream_url, "connect_timeout_s": 2, "ack_timeout_s": 10},
+        "gate": {"max_concurrent": 2, "max_queue": 64, "queue_timeout_s": 10, "retry_after_s": 1},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return from_mapping(raw)
+
+
+@dataclass
+class Stack:
+    """A sidecar app in front of an echo upstream, both on loopback."""
+
+    engine: EchoEngine
+    upstream: TestServer
+    client: TestClient[web.Request, web.Application]
+
+    @property
+    def app(self) -> web.Application:
+        return self.client.app  # type: ignore[return-value]
+
+    def pool_is_idle(self) -> bool:
+        stats = self.app[POOL].stats()
+        return stats.leases == 0 and stats.reserved_bytes == 0 and stats.queued == 0
+
+
+StackFactory = Callable[..., Awaitable[Stack]]
+
+
+@pytest.fixture
+async def stack(aiohttp_client: Any, aiohttp_server: Any) -> AsyncIterator[StackFactory]:
+    built: list[Stack] = []
+
+    async def build(engine: EchoEngine | None = None, **sections: dict[str, Any]) -> Stack:
+        engine = engine or EchoEngine()
+        upstream = await aiohttp_server(engine.app())
+        config = make_config(str(upstream.make_url("")).rstrip("/"), **sections)
+        client = await aiohttp_client(create_app(config))
+        built.append(Stack(engine, upstream, client))
+        return built[-1]
+
+    yield build
+    # The no-leak invariant, after every test that built a stack: whatever the test did, once its
+    # requests are over no lease, reserved byte or queued waiter may remain.
+    for s in built:
+        for _ in range(100):
+            if s.pool_is_idle():
+                break
+            await asyncio.sleep(0.01)
+        assert s.pool_is_idle(), f"leaked: {s.app[POOL].stats()}"
