@@ -50,10 +50,11 @@ def b64_decoded_len(b64: str) -> int:
     return n // 4 * 3 - pad if n % 4 == 0 else n * 3 // 4
 
 
-def parse_image_url(url: str) -> Source:
-    """A chat `image_url.url` / Responses `image_url`: a data URL or an http(s) URL."""
+def parse_image_url(url: str, media: str = "image") -> Source:
+    """A chat `image_url.url` / Responses `image_url` (or `video_url` / `audio_url` with `media`):
+    a data URL or an http(s) URL."""
     if url[:5].lower() == "data:":
-        return parse_data_url(url)
+        return parse_data_url(url, media)
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
@@ -65,7 +66,7 @@ def parse_image_url(url: str) -> Source:
     raise SourceError(f"URL scheme {scheme!r} is not allowed (use data: or http(s)://)")
 
 
-def parse_data_url(url: str) -> InlineImage:
+def parse_data_url(url: str, media: str = "image") -> InlineImage:
     match = _DATA_URL.match(url[:512])
     if match is None:
         raise SourceError("malformed data URL (expected data:<media type>;base64,<data>)")
@@ -73,8 +74,9 @@ def parse_data_url(url: str) -> InlineImage:
     if "base64" not in params:
         raise SourceError("data URL must be base64-encoded (data:<media type>;base64,...)")
     media_type = match.group(1).strip().lower() or None
-    if media_type is not None and not media_type.startswith("image/"):
-        raise SourceError(f"data URL media type {media_type!r} is not an image type")
+    if media_type is not None and not media_type.startswith(f"{media}/"):
+        article = "an" if media[0] in "aeiou" else "a"
+        raise SourceError(f"data URL media type {media_type!r} is not {article} {media} type")
     return InlineImage(media_type=media_type, b64=url[match.end() :])
 
 
@@ -82,8 +84,10 @@ def check_b64_shape(b64: str) -> None:
     """Cheap structural check of a base64 payload: length and the padding at its end."""
     if not b64:
         raise SourceError("empty image data")
-    if len(b64) % 4 == 1:
-        raise SourceError("invalid base64 data (length is not valid for base64)")
+    if len(b64) % 4:
+        # Only a prefix is decoded on the event loop: insist on the padded form so that a bad length
+        # is caught here for every size, not only for payloads short enough to be decoded whole.
+        raise SourceError("invalid base64 data (length is not a multiple of 4: padding missing?)")
     if _B64_TAIL.fullmatch(b64[-4:]) is None:
         raise SourceError("invalid base64 data (bad characters or padding at the end)")
 

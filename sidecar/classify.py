@@ -91,15 +91,15 @@ def _url_field(path: str, value: object, key: str) -> str:
     return url
 
 
-def _source(path: str, url: str) -> Source:
+def _source(path: str, url: str, media: MediaKind) -> Source:
     try:
-        return parse_image_url(url)
+        return parse_image_url(url, media)
     except SourceError as exc:
         raise SidecarError(Cause.BAD_IMAGE, f"{path}: {exc}", param=path) from None
 
 
 def _url_part(path: str, media: MediaKind, url: str) -> MediaPart:
-    source = _source(path, url)
+    source = _source(path, url, media)
     encoded = source.nbytes if isinstance(source, InlineImage) else 0
     return MediaPart(path, media, source, encoded)
 

@@ -158,6 +158,10 @@ class LimitsConfig:
         default=(), metadata=_bounds(doc="when set, the only hosts remote URLs may name")
     )
 
+    def __post_init__(self) -> None:
+        # Host names compare case-insensitively; URLs are lowered when parsed, so lower these too.
+        object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
+
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
@@ -284,6 +288,8 @@ def load(path: str | Path) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config is not UTF-8 text (byte {exc.start})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -291,6 +297,8 @@ def load(path: str | Path) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: {problem}{where}") from None
+    except ValueError as exc:  # PyYAML's own conversions (e.g. an integer over Python's digit limit)
+        raise ConfigError(f"{path}: invalid YAML value: {exc}") from None
     return from_mapping(raw)
 
 
