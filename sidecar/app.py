@@ -46,11 +46,14 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
             request_id=request_id_of(request),
             retry_after_s=config.gate.retry_after_s,
         )
+    inflight = request.app[METRICS].inflight
     state.enter()
+    inflight.inc()
     try:
         return await handler(request)
     finally:
         state.leave()
+        inflight.dec()
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:

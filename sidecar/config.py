@@ -88,9 +88,6 @@ class ServerConfig:
     shutdown_timeout_s: float = field(
         default=30.0, metadata=_bounds(ge=0, doc="how long in-flight requests may run after SIGTERM")
     )
-    memory_limit: Size | None = field(
-        default=None, metadata=_bounds(ge=1, doc="container memory limit; start-up fails above it")
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +121,10 @@ class UpstreamConfig:
                 raise ValueError(f"url: unix:// needs an absolute socket path, got {self.url!r}")
         else:
             raise ValueError(f"url: must start with http://, https:// or unix://, got {self.url!r}")
+        if self.mode == "offload":
+            # Accepted by the schema so configs can be written ahead; refused until the tensor
+            # handoff exists, rather than silently behaving like passthrough.
+            raise ValueError("mode: 'offload' is not available in this build yet; use 'passthrough'")
         if not self.health_path.startswith("/"):
             raise ValueError(f"health_path: must start with '/', got {self.health_path!r}")
 

@@ -27,7 +27,7 @@ class Metrics:
         )
         self.capacity_bytes = Gauge("mm_sidecar_capacity_bytes", "gate.max_bytes", registry=registry)
         self.queue_depth = Gauge("mm_sidecar_queue_depth", "Multimodal requests waiting for a slot", registry=registry)
-        self.inflight = Gauge("mm_sidecar_inflight_requests", "API requests being served", ["kind"], registry=registry)
+        self.inflight = Gauge("mm_sidecar_inflight_requests", "API requests being served", registry=registry)
         self.queue_wait = Histogram(
             "mm_sidecar_queue_wait_seconds",
             "Time a multimodal request waited for a slot (admitted or not)",

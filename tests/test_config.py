@@ -156,7 +156,6 @@ def test_defaults() -> None:
     assert c.server == ServerConfig()
     assert c.server.port == 8000
     assert c.server.max_body_bytes == 64 * 1024**2
-    assert c.server.memory_limit is None
     assert c.upstream.url == "http://127.0.0.1:8001"
     assert c.upstream.mode == "passthrough"
     assert c.upstream.read_timeout_s is None
@@ -185,11 +184,10 @@ def test_every_section_is_read() -> None:
                 "port": 9000,
                 "max_body_bytes": "8MiB",
                 "shutdown_timeout_s": 2,
-                "memory_limit": "16GiB",
             },
             "upstream": {
                 "url": "unix:///run/engine.sock",
-                "mode": "offload",
+                "mode": "passthrough",
                 "connect_timeout_s": 1.5,
                 "ack_timeout_s": 60,
                 "read_timeout_s": 12.5,
@@ -221,11 +219,10 @@ def test_every_section_is_read() -> None:
         port=9000,
         max_body_bytes=Size(8 * 1024**2),
         shutdown_timeout_s=2.0,
-        memory_limit=Size(16 * 1024**3),
     )
     assert c.upstream == UpstreamConfig(
         url="unix:///run/engine.sock",
-        mode="offload",
+        mode="passthrough",
         connect_timeout_s=1.5,
         ack_timeout_s=60.0,
         read_timeout_s=12.5,
@@ -260,9 +257,14 @@ def test_numbers_are_converted_to_field_types() -> None:
 
 
 def test_optional_keys_accept_null() -> None:
-    c = from_mapping({"server": {"memory_limit": None}, "upstream": {"read_timeout_s": None}})
-    assert c.server.memory_limit is None
+    c = from_mapping({"upstream": {"read_timeout_s": None}})
     assert c.upstream.read_timeout_s is None
+
+
+def test_offload_mode_is_refused_until_it_exists() -> None:
+    assert config_error({"upstream": {"mode": "offload"}}) == (
+        "upstream.mode: 'offload' is not available in this build yet; use 'passthrough'"
+    )
 
 
 def test_https_and_ipv6_upstream_urls() -> None:
@@ -291,7 +293,6 @@ def test_size_keys_found() -> None:
     # Guards the parametrization above against an empty list.
     assert set(size_keys()) >= {
         "server.max_body_bytes",
-        "server.memory_limit",
         "gate.max_bytes",
         "gate.unknown_image_bytes",
         "limits.max_image_bytes",
@@ -374,7 +375,6 @@ def test_wrong_types(raw: Any, expected: str) -> None:
         ({"server": {"port": 65536}}, "server.port: must be <= 65535, got 65536"),
         ({"server": {"port": -1}}, "server.port: must be >= 0, got -1"),
         ({"server": {"max_body_bytes": 1023}}, "server.max_body_bytes: must be >= 1024, got 1023"),
-        ({"server": {"memory_limit": 0}}, "server.memory_limit: must be >= 1, got 0"),
         ({"upstream": {"connect_timeout_s": 0}}, "upstream.connect_timeout_s: must be >= 0.001, got 0"),
         ({"upstream": {"read_timeout_s": 0}}, "upstream.read_timeout_s: must be >= 0.001, got 0"),
         ({"limits": {"max_image_pixels": 0}}, "limits.max_image_pixels: must be >= 1, got 0"),
@@ -494,14 +494,14 @@ def test_shipped_config_states_the_defaults() -> None:
 def test_round_trip_of_non_default_config() -> None:
     c = from_mapping(
         {
-            "server": {"memory_limit": "3GiB"},
-            "upstream": {"read_timeout_s": 9, "mode": "offload"},
+            "server": {"max_body_bytes": "3GiB"},
+            "upstream": {"read_timeout_s": 9, "stream_upgrade": False},
             "limits": {"allowed_hosts": ["a.example"]},
         }
     )
     plain = to_mapping(c)
     assert plain["limits"]["allowed_hosts"] == ["a.example"]
-    assert type(plain["server"]["memory_limit"]) is int
+    assert type(plain["server"]["max_body_bytes"]) is int
     assert from_mapping(plain) == c
 
 
