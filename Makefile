@@ -1,5 +1,7 @@
 # Two entry points: `make run` and `make test`. Both create .venv on first use.
 PY ?= python3
+# No model hub here or in CI: everything loads from local directories.
+export HF_HUB_OFFLINE := 1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
