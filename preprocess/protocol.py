@@ -1,0 +1,518 @@
+"""Tensor descriptors and the shared-memory reader: the one contract engines import.
+
+The sidecar writes processor outputs (``pixel_values``, ``image_grid_thw``, ...) into one shared
+memory segment per sidecar instance and sends the engine a ``TensorDescriptor`` per tensor. The
+engine maps the segment read-only with ``ArenaReader``, checks the descriptor against the segment,
+copies the tensor out and only then acks. This module imports only the standard library and numpy;
+torch is imported inside the functions that return tensors, so adopting the contract costs nothing.
+
+Segment layout (format version 1, little-endian, offsets in bytes from the start of the segment)::
+
+    0          4096                    data_offset                              data_end   size
+    | header   | generation table      | data area: `pages` pages of 4096 bytes  | slack  |
+    | page     | pages x u64, rounded  |                                          | <= 1pg |
+    |          | up to whole pages     |                                          |        |
+
+    header   0  8s  magic         b"MMSCARN1" (written last: a half-made header never validates)
+             8  u32 version       1
+            12  u32 page          4096, the granule of the table and of extent alignment
+            16  u64 size          segment bytes, equal to the file size
+            24  u64 table_offset  4096
+            32  u64 pages         data pages = table entries
+            40  u64 data_offset   table_offset + table bytes
+            48  u64 owner_pid     pid of the creating sidecar (pid namespace of the creator)
+            56  u64 owner_start   its start time in clock ticks since boot (/proc/<pid>/stat #22)
+            64  u64 created_ns    time.time_ns() at creation; generations count up from it
+            72  16s boot_id       /proc/sys/kernel/random/boot_id of the creator
+            88  u32 tensor_align  64: every tensor starts on a multiple of it
+
+Table entry ``i`` describes data page ``i`` (bytes ``data_offset + i*4096`` to ``+4096``) and holds
+``generation << 2 | state``. All pages of one extent move together, and only the creating process
+writes entries::
+
+                     reserve: generation = ++counter
+        FREE(g_old) ------------------------------> WRITING(g) ---- free (abort) ----> FREE(g)
+                                                        |
+                                                        | publish (payload written; with used_nbytes,
+                                                        v          only the pages holding it)
+                                                     READY(g) ------ free (after the ack) --> FREE(g)
+
+A descriptor ``(offset, nbytes, generation g)`` may be read if and only if every page that
+``[offset, offset + nbytes)`` touches holds ``g << 2 | READY``. ``ArenaReader`` checks this before
+it makes a view and again after ``copy_out`` has copied. Each reserve hands out a generation never
+used before and stamps it on every page it takes, so any reuse of any byte of a freed extent, wherever
+the new extent begins, changes an entry that the old descriptor's check reads: stale descriptors are
+detected, never silently read. ``free`` bumps nothing; the next reserve does. The counter starts at
+the segment's creation time in nanoseconds, so a segment re-created under the same name (a restarted
+container gets the same pid) does not reissue the generations of its predecessor either.
+
+Why a per-page table and not a header in front of each extent: one extent holds several tensors
+(``pixel_values``, then ``image_grid_thw`` at an aligned sub-offset), so a tensor's offset does not say
+where its extent begins; and after free, coalescing and a new reserve, the old extent's header would lie
+inside another request's payload. The table answers "who owns this byte now" for any offset at a cost
+of 8 bytes per 4 KiB page (0.2 %). It is also why extents are page-aligned: two extents never share a
+page, so one entry never has two owners.
+
+Lifetime rules:
+
+* Only the creator unlinks the segment; readers open it ``O_RDONLY | O_NOFOLLOW`` and map it
+  ``PROT_READ``. Python's ``multiprocessing`` resource tracker is never involved.
+* The sidecar publishes an extent before it sends the descriptor; the HTTP request carrying the
+  descriptor orders the stores before the engine's reads (its send and receive are syscalls).
+  Table entries are aligned 8-byte words, so a reader never sees a torn entry.
+* A reader must drop every view and tensor into the segment before it acks: after the ack the
+  sidecar frees the extent and the next reserve overwrites it, and a view kept past that point would
+  show another request's pixels. Views keep the mapping alive (no dangling memory), and
+  ``ArenaReader.close()`` reports views that outlive it.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+import stat
+import struct
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DTYPES",
+    "MAGIC",
+    "NUMPY_DTYPES",
+    "PAGE",
+    "STATE_FREE",
+    "STATE_READY",
+    "STATE_WRITING",
+    "TENSOR_ALIGN",
+    "VERSION",
+    "ArenaReader",
+    "DescriptorError",
+    "SegmentHeader",
+    "StaleDescriptor",
+    "TensorDescriptor",
+    "check_segment_name",
+    "segment_layout",
+    "table_entry",
+]
+
+MAGIC: Final = b"MMSCARN1"
+VERSION: Final = 1
+PAGE: Final = 4096
+TENSOR_ALIGN: Final = 64
+STATE_FREE: Final = 0
+STATE_WRITING: Final = 1
+STATE_READY: Final = 2
+_STATE_BITS: Final = 2
+_STATE_NAMES: Final = ("free", "writing", "ready", "invalid")
+_U63: Final = 1 << 63
+_MAX_NDIM: Final = 32
+_HEADER = struct.Struct("<8sIIQQQQQQQ16sI")
+
+# Item size per accepted dtype. Little-endian everywhere: the segment is a wire format.
+DTYPES: Final[Mapping[str, int]] = MappingProxyType(
+    {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
+)
+# numpy has no bfloat16: its bit patterns travel as uint16 and torch reinterprets them.
+NUMPY_DTYPES: Final[Mapping[str, np.dtype[Any]]] = MappingProxyType(
+    {
+        "float32": np.dtype("<f4"),
+        "float16": np.dtype("<f2"),
+        "bfloat16": np.dtype("<u2"),
+        "int64": np.dtype("<i8"),
+        "int32": np.dtype("<i4"),
+        "uint8": np.dtype("u1"),
+        "bool": np.dtype("?"),
+    }
+)
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+_FIELDS: Final = ("shm", "offset", "nbytes", "dtype", "shape", "generation")
+
+
+class DescriptorError(ValueError):
+    """A descriptor that must not be read: malformed, out of bounds, unknown segment, not published.
+
+    Retrying the same descriptor cannot help; the request it belongs to must be rejected.
+    """
+
+
+class StaleDescriptor(DescriptorError):
+    """The descriptor's extent was freed or reused (before or while it was read), or its segment is gone.
+
+    The sidecar has given up on the request (ack timeout, shutdown); the data is not the request's any more.
+    """
+
+
+def check_segment_name(name: str) -> str:
+    """Return `name` if it is a plain file name fit for a segment, else raise ValueError.
+
+    Descriptors carry the segment name from the network, so it must never be able to leave the
+    segment directory ("../", "/") or name something special (".", "..").
+    """
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"segment name must be 1-255 of [A-Za-z0-9_.-] and not '.' or '..', got {name!r}")
+    return name
+
+
+def table_entry(generation: int, state: int) -> int:
+    """The table word for a page owned by `generation` in `state`."""
+    return generation << _STATE_BITS | state
+
+
+def segment_layout(size: int) -> tuple[int, int, int]:
+    """``(table_offset, pages, data_offset)`` for a segment of `size` bytes (a multiple of PAGE, >= 3 pages)."""
+    if size < 3 * PAGE or size % PAGE:
+        raise ValueError(f"arena size must be a multiple of {PAGE} and at least {3 * PAGE} bytes, got {size}")
+    # Each data page costs PAGE bytes plus an 8-byte entry; start from that estimate and step down
+    # until the page-rounded table fits as well.
+    pages = (size - PAGE) // (PAGE + 8)
+    while PAGE + _round_up(8 * pages, PAGE) + pages * PAGE > size:
+        pages -= 1
+    return PAGE, pages, PAGE + _round_up(8 * pages, PAGE)
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    """The segment's first page (see the module docstring for the byte layout)."""
+
+    size: int
+    table_offset: int
+    pages: int
+    data_offset: int
+    owner_pid: int
+    owner_start: int
+    created_ns: int
+    boot_id: bytes
+    version: int = VERSION
+    page: int = PAGE
+    tensor_align: int = TENSOR_ALIGN
+
+    @property
+    def data_end(self) -> int:
+        return self.data_offset + self.pages * PAGE
+
+    def pack(self) -> bytes:
+        """The header bytes, magic first; the writer stores the magic last."""
+        return _HEADER.pack(
+            MAGIC,
+            self.version,
+            self.page,
+            self.size,
+            self.table_offset,
+            self.pages,
+            self.data_offset,
+            self.owner_pid,
+            self.owner_start,
+            self.created_ns,
+            self.boot_id,
+            self.tensor_align,
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes, file_size: int) -> SegmentHeader:
+        """Parse and validate a header read from a file of `file_size` bytes; DescriptorError if it is not ours."""
+        if len(data) < _HEADER.size:
+            raise DescriptorError(f"segment too small for a header ({file_size} bytes)")
+        magic, version, page, size, table_offset, pages, data_offset, pid, start, created, boot, align = (
+            _HEADER.unpack_from(data)
+        )
+        if magic != MAGIC:
+            raise DescriptorError(f"not an mm-sidecar arena (magic {magic!r})")
+        if version != VERSION or page != PAGE or align != TENSOR_ALIGN:
+            raise DescriptorError(f"unsupported arena format: version {version}, page {page}, align {align}")
+        try:
+            expected = segment_layout(size)
+        except ValueError as exc:
+            raise DescriptorError(f"corrupt arena header: {exc}") from exc
+        # Everything a reader indexes comes from here, so the header must agree with the file
+        # and with the layout rule before any offset in it is trusted.
+        if size != file_size or (table_offset, pages, data_offset) != expected:
+            raise DescriptorError(f"corrupt arena header: size {size} for a file of {file_size} bytes")
+        return cls(size, table_offset, pages, data_offset, pid, start, created, boot, version, page, align)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDescriptor:
+    """Where one tensor lies in a segment, and which reservation of that memory it belongs to.
+
+    Constructing one checks nothing; `from_json` and every `ArenaReader` entry point call `check()`.
+    """
+
+    shm: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    generation: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def check(self) -> None:
+        """Raise DescriptorError unless the fields are consistent with each other (no segment needed)."""
+        try:
+            check_segment_name(self.shm)
+        except ValueError as exc:
+            raise DescriptorError(f"descriptor.shm: {exc}") from None
+        if self.dtype not in DTYPES:
+            raise DescriptorError(f"descriptor.dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not 0 <= self.offset < _U63:
+            raise DescriptorError(f"descriptor.offset: must be in [0, 2**63), got {self.offset}")
+        if not 1 <= self.generation < 1 << 62:
+            raise DescriptorError(f"descriptor.generation: must be in [1, 2**62), got {self.generation}")
+        if len(self.shape) > _MAX_NDIM or any(d < 0 for d in self.shape):
+            raise DescriptorError(f"descriptor.shape: at most {_MAX_NDIM} dims, each >= 0, got {self.shape}")
+        expected = self.numel * DTYPES[self.dtype]
+        if self.nbytes != expected or expected >= _U63:
+            raise DescriptorError(
+                f"descriptor.nbytes: {self.nbytes} != prod(shape {self.shape}) x {DTYPES[self.dtype]} ({expected})"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shm": self.shm,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "generation": self.generation,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> TensorDescriptor:
+        """Parse the JSON form strictly: exactly the six fields, exact types (no bools as ints), consistent values.
+
+        Unknown fields are refused rather than ignored: a newer sidecar that needs more than this
+        reader checks must not be read by it as if nothing had changed.
+        """
+        if not isinstance(obj, Mapping):
+            raise DescriptorError(f"descriptor: must be an object, got {type(obj).__name__}")
+        missing = [f for f in _FIELDS if f not in obj]
+        if missing:
+            raise DescriptorError(f"descriptor.{missing[0]}: missing")
+        extra = sorted(str(k) for k in obj if k not in _FIELDS)
+        if extra:
+            raise DescriptorError(f"descriptor.{extra[0]}: unknown field")
+        for name in ("shm", "dtype"):
+            if not isinstance(obj[name], str):
+                raise DescriptorError(f"descriptor.{name}: must be a string, got {type(obj[name]).__name__}")
+        for name in ("offset", "nbytes", "generation"):
+            if not _is_int(obj[name]):
+                raise DescriptorError(f"descriptor.{name}: must be an integer, got {type(obj[name]).__name__}")
+        shape = obj["shape"]
+        if not isinstance(shape, list | tuple) or not all(_is_int(d) for d in shape):
+            raise DescriptorError(f"descriptor.shape: must be a list of integers, got {shape!r:.80}")
+        desc = cls(obj["shm"], obj["offset"], obj["nbytes"], obj["dtype"], tuple(shape), obj["generation"])
+        desc.check()
+        return desc
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Segment:
+    """One attached segment: its read-only mapping, its header and the file identity it came from."""
+
+    __slots__ = ("header", "ident", "mm", "name")
+
+    def __init__(self, name: str, mm: mmap.mmap, header: SegmentHeader, ident: tuple[int, int]) -> None:
+        self.name = name
+        self.mm = mm
+        self.header = header
+        self.ident = ident
+
+    def close(self) -> bool:
+        """Unmap; False when views still hold the mapping (it then goes with the last of them)."""
+        try:
+            self.mm.close()
+        except BufferError:
+            return False
+        return True
+
+
+class ArenaReader:
+    """Read-only access to arena segments, for engines: validate a descriptor, view or copy its tensor.
+
+    Each segment is attached once and cached by name. Before each read the reader `stat`s the path:
+    a sidecar that restarted under the same name has a new file, and descriptors are then checked
+    against it (an old mapping would otherwise answer for memory nobody writes any more).
+
+    Views (`view`, `tensor`) are zero-copy and read-only; writing through a tensor from `tensor()`
+    faults, since the mapping is PROT_READ. Drop every view before acking the request: after the
+    ack the sidecar reuses the memory. `copy_out` is the safe default: copy, re-check, return.
+    """
+
+    def __init__(self, directory: str = "/dev/shm") -> None:
+        self._directory = directory
+        self._segments: dict[str, _Segment] = {}
+        self._retired: list[_Segment] = []
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        """Names of the segments attached now (tests use it to see that nothing was attached)."""
+        return tuple(self._segments)
+
+    def validate(self, desc: TensorDescriptor) -> None:
+        """Raise DescriptorError (StaleDescriptor when the extent was reused) unless `desc` may be read now."""
+        desc.check()
+        self._check_extent(self._segment(desc.shm), desc, after_copy=False)
+
+    def view(self, desc: TensorDescriptor) -> npt.NDArray[Any]:
+        """A zero-copy read-only numpy view (bfloat16 comes back as its uint16 bit patterns)."""
+        desc.check()
+        seg = self._segment(desc.shm)
+        self._check_extent(seg, desc, after_copy=False)
+        flat = np.frombuffer(seg.mm, dtype=NUMPY_DTYPES[desc.dtype], count=desc.numel, offset=desc.offset)
+        return flat.reshape(desc.shape)
+
+    def tensor(self, desc: TensorDescriptor) -> torch.Tensor:
+        """A zero-copy read-only torch tensor over the extent (`torch.frombuffer`)."""
+        return self._tensor(desc)[1]
+
+    def copy_out(self, desc: TensorDescriptor, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Copy the tensor to `device`, then check the generation again.
+
+        The second check catches a sidecar that gave up on the request (ack timeout) and reused the
+        extent while we were copying: the copy may then mix two requests, so it raises StaleDescriptor.
+        """
+        seg, src = self._tensor(desc)
+        out = self._copy(src, device)
+        del src
+        self._check_extent(seg, desc, after_copy=True)
+        return out
+
+    def close(self) -> None:
+        """Unmap every segment. Raises BufferError, after closing the rest, if views outlive the reader."""
+        busy = [seg.name for seg in (*self._segments.values(), *self._retired) if not seg.close()]
+        self._segments.clear()
+        self._retired.clear()
+        if busy:
+            raise BufferError(
+                f"arena views outlive the reader for {', '.join(busy)}: drop views before acking; "
+                "the mapping is released with the last view"
+            )
+
+    def __enter__(self) -> ArenaReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _copy(self, src: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+        import torch  # noqa: PLC0415 - torch stays optional for importers of the contract
+
+        out = torch.empty(src.shape, dtype=src.dtype, device=device)
+        out.copy_(src)
+        return out
+
+    def _tensor(self, desc: TensorDescriptor) -> tuple[_Segment, torch.Tensor]:
+        import torch  # noqa: PLC0415 - torch stays optional for importers of the contract
+
+        desc.check()
+        seg = self._segment(desc.shm)
+        self._check_extent(seg, desc, after_copy=False)
+        dtype: torch.dtype = getattr(torch, desc.dtype)
+        if desc.numel == 0:
+            # torch.frombuffer refuses empty buffers; an empty tensor shares nothing anyway.
+            return seg, torch.empty(desc.shape, dtype=dtype)
+        buf = memoryview(seg.mm)[desc.offset : desc.offset + desc.nbytes]
+        with warnings.catch_warnings():
+            # The buffer is read-only on purpose; torch warns because it has no read-only tensors.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+            flat = torch.frombuffer(buf, dtype=dtype)
+        return seg, flat.view(desc.shape)
+
+    def _segment(self, name: str) -> _Segment:
+        path = os.path.join(self._directory, name)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise StaleDescriptor(f"segment {name!r} does not exist in {self._directory}") from None
+        except OSError as exc:
+            raise DescriptorError(f"segment {name!r}: {exc.strerror}") from exc
+        cached = self._segments.get(name)
+        if cached is not None:
+            if cached.ident == (st.st_dev, st.st_ino):
+                return cached
+            # Replaced by a restarted sidecar: keep the old mapping until its views are gone.
+            del self._segments[name]
+            if not cached.close():
+                self._retired.append(cached)
+        seg = self._attach(name, path)
+        self._segments[name] = seg
+        return seg
+
+    def _attach(self, name: str, path: str) -> _Segment:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StaleDescriptor(f"segment {name!r} does not exist in {self._directory}") from None
+        except OSError as exc:
+            # ELOOP: a symlink planted under the segment's name is refused, never followed.
+            raise DescriptorError(f"segment {name!r}: cannot open: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DescriptorError(f"segment {name!r} is not a regular file")
+            header = SegmentHeader.unpack(os.pread(fd, PAGE, 0), st.st_size)
+            mm = mmap.mmap(fd, header.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return _Segment(name, mm, header, (st.st_dev, st.st_ino))
+
+    def _check_extent(self, seg: _Segment, desc: TensorDescriptor, *, after_copy: bool) -> None:
+        head = seg.header
+        end = desc.offset + desc.nbytes
+        if desc.offset < head.data_offset or end > head.data_end:
+            raise DescriptorError(
+                f"descriptor [{desc.offset}, {end}) is outside the data area "
+                f"[{head.data_offset}, {head.data_end}) of segment {desc.shm!r}"
+            )
+        if desc.offset % TENSOR_ALIGN:
+            raise DescriptorError(f"descriptor.offset {desc.offset} is not a multiple of {TENSOR_ALIGN}")
+        if desc.offset == head.data_end:
+            # Only an empty tensor can sit here, and no page (hence no owner) lies behind it.
+            raise DescriptorError(f"descriptor.offset {desc.offset} is at the end of the data area")
+        # An empty tensor is checked against the page its offset lies in.
+        first = (desc.offset - head.data_offset) // PAGE
+        last = (end - 1 - head.data_offset) // PAGE if desc.nbytes else first
+        entries = np.frombuffer(seg.mm, dtype="<u8", count=last - first + 1, offset=head.table_offset + 8 * first)
+        bad = np.flatnonzero(entries != table_entry(desc.generation, STATE_READY))
+        word = int(entries[bad[0]]) if bad.size else 0
+        # Drop the view before raising: a traceback kept by the caller would otherwise pin the mapping.
+        del entries
+        if not bad.size:
+            return
+        generation, state = word >> _STATE_BITS, word & ((1 << _STATE_BITS) - 1)
+        where = f"segment {desc.shm!r} page {first + int(bad[0])}"
+        if after_copy:
+            raise StaleDescriptor(
+                f"{where} changed while it was copied (generation {desc.generation} -> {generation}, "
+                f"{_STATE_NAMES[state]}): the sidecar reused the extent"
+            )
+        if generation == desc.generation and state == STATE_WRITING:
+            raise DescriptorError(f"{where}: extent generation {generation} is not published yet")
+        raise StaleDescriptor(
+            f"{where} holds generation {generation} ({_STATE_NAMES[state]}), the descriptor "
+            f"generation {desc.generation}: the extent was freed or reused"
+        )
