@@ -14,15 +14,21 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .app_keys import CONFIG, METRICS, POOL, STATE, UPSTREAM, ServerState
+from preprocess.fetch import FetchPolicy, SafeFetcher
+from preprocess.processors import read_spec, resolve_processor
+
+from .app_keys import BODIES, CONFIG, METRICS, POOL, REMOTE, RESOLVER, SPEC, STATE, UPSTREAM, ServerState
+from .bodies import BodyBudget
 from .config import Config
 from .errors import Cause, SidecarError
 from .families import ROUTES, error_response, family_of_path
 from .gate import SlotPool
 from .metrics import Metrics
+from .remote import RemoteImages
 from .routes import ApiHandler, healthz, passthrough, readyz, request_id_of
 from .upstream import Upstream
 
@@ -63,13 +69,34 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await upstream.close()
 
 
+async def _remote_ctx(app: web.Application) -> AsyncIterator[None]:
+    limits = app[CONFIG].limits
+    if not limits.allow_remote_urls:
+        yield
+        return
+    policy = FetchPolicy(
+        max_bytes=limits.max_image_bytes,
+        timeout_s=limits.fetch_timeout_s,
+        max_redirects=limits.max_redirects,
+        allowed_hosts=limits.allowed_hosts,
+        allowed_networks=limits.allowed_networks,
+    )
+    fetcher = SafeFetcher(policy, resolver=app.get(RESOLVER))
+    app[REMOTE] = RemoteImages(fetcher, app[CONFIG].preprocess.max_concurrent_fetches, app[METRICS])
+    yield
+    await fetcher.close()
+
+
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Queued requests get a clean 503; leases still held are released by their handlers' finally.
     app[POOL].close()
 
 
-def create_app(config: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(
+    config: Config, *, registry: CollectorRegistry | None = None, resolver: AbstractResolver | None = None
+) -> web.Application:
+    """The sidecar app. `resolver` replaces DNS for remote image fetches (tests; custom DNS)."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     gate = config.gate
@@ -88,7 +115,13 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None) -> 
     app[METRICS] = metrics
     app[POOL] = pool
     app[STATE] = ServerState()
+    app[BODIES] = BodyBudget(config.server.max_body_memory)
+    if config.preprocess.processor is not None:
+        app[SPEC] = read_spec(resolve_processor(config.preprocess.processor))
+    if resolver is not None:
+        app[RESOLVER] = resolver
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_remote_ctx)
     app.cleanup_ctx.append(_pool_ctx)
 
     app.router.add_get("/healthz", healthz)

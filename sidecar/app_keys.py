@@ -6,10 +6,15 @@ import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
+from preprocess.processors import ProcessorSpec
+
+from .bodies import BodyBudget
 from .config import Config
 from .gate import SlotPool
 from .metrics import Metrics
+from .remote import RemoteImages
 from .upstream import Upstream
 
 
@@ -39,3 +44,7 @@ METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", SlotPool)
 UPSTREAM = web.AppKey("upstream", Upstream)
 STATE = web.AppKey("state", ServerState)
+BODIES = web.AppKey("bodies", BodyBudget)
+SPEC = web.AppKey("spec", ProcessorSpec)  # present when preprocess.processor is set
+REMOTE = web.AppKey("remote", RemoteImages)  # present when limits.allow_remote_urls is on
+RESOLVER = web.AppKey("resolver", AbstractResolver)  # replaces DNS for remote fetches when present

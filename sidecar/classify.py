@@ -13,10 +13,13 @@ only a short base64 prefix), so the walk costs microseconds, not a decode, on th
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from preprocess.arena import reservation_size
+from preprocess.cost import CostError, output_nbytes
 from preprocess.probe import ImageHeader
+from preprocess.processors import ProcessorSpec
 from preprocess.sources import (
     InlineImage,
     RemoteImage,
@@ -40,6 +43,7 @@ class MediaPart:
     media: MediaKind
     source: Source | None  # None: referenced by file id, or audio carried as raw base64
     encoded_bytes: int  # bytes the client sent inline (0 for URLs and file ids)
+    node: dict[str, Any] = field(default_factory=dict, repr=False)  # the part object itself, to rewrite
     header: ImageHeader | None = None
     cost: int = 0  # bytes reserved at the gate
 
@@ -173,9 +177,13 @@ def _walk_parts(path: str, content: object, visit: Any) -> Iterator[MediaPart]:
             raise _bad(f"{where}.type", f"must be a string, got {_type_of(part.get('type'))}")
         found = visit(where, part)
         if isinstance(found, MediaPart):
+            found.node = part
             yield found
         elif found is not None:
-            yield from found
+            for media in found:
+                if media.path == where:
+                    media.node = part
+                yield media
 
 
 def _messages(body: dict[str, Any], visit: Any) -> Iterator[MediaPart]:
@@ -214,8 +222,18 @@ def find_media(kind: ApiKind, body: dict[str, Any]) -> list[MediaPart]:
     return []  # completions: a prompt is text or token ids
 
 
-def classify(kind: ApiKind, body: dict[str, Any], limits: LimitsConfig, gate: GateConfig) -> Classification:
-    """Find, check and price every media part; raises SidecarError naming the first offending part."""
+def classify(
+    kind: ApiKind,
+    body: dict[str, Any],
+    limits: LimitsConfig,
+    gate: GateConfig,
+    spec: ProcessorSpec | None = None,
+) -> Classification:
+    """Find, check and price every media part; raises SidecarError naming the first offending part.
+
+    Remote images are checked against the URL policy here and priced later, once fetched
+    (`price_image`); until then they carry no cost.
+    """
     parts = find_media(kind, body)
     if len(parts) > limits.max_images_per_request:
         first_over = parts[limits.max_images_per_request]
@@ -226,49 +244,79 @@ def classify(kind: ApiKind, body: dict[str, Any], limits: LimitsConfig, gate: Ga
             param=first_over.path,
         )
     for part in parts:
-        _check_and_price(part, limits, gate)
+        _check_and_price(part, limits, gate, spec)
     return Classification(tuple(parts))
 
 
-def _check_and_price(part: MediaPart, limits: LimitsConfig, gate: GateConfig) -> None:
+def _refuse(cause: Cause, part: MediaPart, message: str) -> SidecarError:
+    return SidecarError(cause, f"{part.path}: {message}", param=part.path)
+
+
+def _check_and_price(part: MediaPart, limits: LimitsConfig, gate: GateConfig, spec: ProcessorSpec | None) -> None:
     if part.encoded_bytes > limits.max_image_bytes:
-        raise SidecarError(
+        raise _refuse(
             Cause.IMAGE_TOO_LARGE,
-            f"{part.path}: {part.media} is {part.encoded_bytes} bytes, more than "
-            f"limits.max_image_bytes={limits.max_image_bytes}",
-            param=part.path,
+            part,
+            f"{part.media} is {part.encoded_bytes} bytes, more than limits.max_image_bytes={limits.max_image_bytes}",
         )
     source = part.source
     if isinstance(source, RemoteImage):
         if not limits.allow_remote_urls:
-            raise SidecarError(
+            raise _refuse(
                 Cause.REMOTE_URL_FORBIDDEN,
-                f"{part.path}: remote {part.media} URLs are disabled (limits.allow_remote_urls=false); "
+                part,
+                f"remote {part.media} URLs are disabled (limits.allow_remote_urls=false); "
                 "send the data inline as a base64 data URL",
-                param=part.path,
             )
-        if limits.allowed_hosts and source.host not in limits.allowed_hosts:
-            raise SidecarError(
-                Cause.REMOTE_URL_FORBIDDEN,
-                f"{part.path}: host {source.host!r} is not in limits.allowed_hosts",
-                param=part.path,
+        if part.media != "image":
+            # Only images are fetched (and inlined) by the sidecar; any other URL would make the
+            # engine fetch an address nobody checked.
+            raise _refuse(
+                Cause.REMOTE_URL_FORBIDDEN, part, f"remote {part.media} URLs are not supported; send the data inline"
             )
+        if limits.allowed_hosts and not host_allowed(source.host, limits.allowed_hosts):
+            raise _refuse(Cause.REMOTE_URL_FORBIDDEN, part, f"host {source.host!r} is not in limits.allowed_hosts")
+        return  # priced once fetched
     if isinstance(source, InlineImage) and part.media == "image":
         try:
             check_b64_shape(source.b64)
             header = header_prefix(source.b64)
         except SourceError as exc:
-            raise SidecarError(Cause.BAD_IMAGE, f"{part.path}: {exc}", param=part.path) from None
-        pixels = header.width * header.height
-        if pixels > limits.max_image_pixels:
-            raise SidecarError(
-                Cause.IMAGE_TOO_LARGE,
-                f"{part.path}: image is {header.width}x{header.height} = {pixels} pixels, more than "
-                f"limits.max_image_pixels={limits.max_image_pixels}",
-                param=part.path,
-            )
-        part.header = header
-        # Decoded RGB bytes: what the engine's decode step holds per image before its processor runs.
-        part.cost = pixels * 3
+            raise _refuse(Cause.BAD_IMAGE, part, str(exc)) from None
+        price_image(part, header, limits, spec)
     else:
         part.cost = gate.unknown_image_bytes
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Exact match, or a leading-dot entry (`.example.com`) for any subdomain: the fetcher's rule."""
+    return any(host == entry or (entry.startswith(".") and host.endswith(entry)) for entry in allowed)
+
+
+def price_image(part: MediaPart, header: ImageHeader, limits: LimitsConfig, spec: ProcessorSpec | None) -> None:
+    """Check an image's header against the limits and set its exact cost (before any decode)."""
+    width, height = header.display_size
+    pixels = width * height
+    if pixels > limits.max_image_pixels:
+        raise _refuse(
+            Cause.IMAGE_TOO_LARGE,
+            part,
+            f"image is {width}x{height} = {pixels} pixels, more than limits.max_image_pixels={limits.max_image_pixels}",
+        )
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise _refuse(
+            Cause.BAD_IMAGE,
+            part,
+            f"image is {width}x{height}, an aspect ratio above limits.max_aspect_ratio={limits.max_aspect_ratio:g}",
+        )
+    part.header = header
+    if spec is None:
+        # Decoded RGB bytes: what the engine's decode step holds per image before its processor runs.
+        part.cost = pixels * 3
+        return
+    try:
+        # Exactly the processor's outputs (pixel_values, image_grid_thw, ...), page-rounded as the
+        # arena reserves them.
+        part.cost = reservation_size(output_nbytes(spec, width, height))
+    except CostError as exc:
+        raise _refuse(Cause.BAD_IMAGE, part, f"the image processor would refuse this image: {exc}") from None

@@ -8,6 +8,7 @@ path (`gate.max_concurrent: must be >= 1, got 0`). Nothing here is read again af
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import types
 import typing
@@ -19,6 +20,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+
+from preprocess.processors import ProcessorError, read_spec, resolve_processor
 
 
 class ConfigError(ValueError):
@@ -88,6 +91,13 @@ class ServerConfig:
     shutdown_timeout_s: float = field(
         default=30.0, metadata=_bounds(ge=0, doc="how long in-flight requests may run after SIGTERM")
     )
+    max_body_memory: Size = field(
+        default=Size(1024**3),
+        metadata=_bounds(ge=1024, doc="request bodies held in memory at once, all requests together (503 above)"),
+    )
+    memory_limit: Size | None = field(
+        default=None, metadata=_bounds(ge=1, doc="container memory limit; start-up fails if the ceiling exceeds it")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,14 +164,60 @@ class LimitsConfig:
     max_image_pixels: int = field(
         default=40_000_000, metadata=_bounds(ge=1, doc="width x height of one image (decompression bombs)")
     )
-    allow_remote_urls: bool = field(default=False, metadata=_bounds(doc="accept http(s) image URLs"))
+    max_aspect_ratio: float = field(
+        default=200.0, metadata=_bounds(ge=1, doc="longer side / shorter side of one image (resize blow-ups)")
+    )
+    allow_remote_urls: bool = field(
+        default=False, metadata=_bounds(doc="accept http(s) image URLs (fetched by the sidecar, never the engine)")
+    )
     allowed_hosts: tuple[str, ...] = field(
         default=(), metadata=_bounds(doc="when set, the only hosts remote URLs may name")
     )
 
+    allowed_networks: tuple[str, ...] = field(
+        default=(), metadata=_bounds(doc="CIDRs exempt from the private-address rule (internal image stores)")
+    )
+    fetch_timeout_s: float = field(default=10.0, metadata=_bounds(ge=0.001, doc="whole fetch of one remote image"))
+    max_redirects: int = field(default=3, metadata=_bounds(ge=0, le=20, doc="redirects followed per remote image"))
+
     def __post_init__(self) -> None:
+        for i, cidr in enumerate(self.allowed_networks):
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError:
+                raise ValueError(f"allowed_networks[{i}]: not a network, got {cidr!r}") from None
         # Host names compare case-insensitively; URLs are lowered when parsed, so lower these too.
         object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessConfig:
+    processor: str | None = field(
+        default=None,
+        metadata=_bounds(doc="image processor: a preset in config/processors or a directory (null: price decoded RGB)"),
+    )
+    workers: int = field(default=2, metadata=_bounds(ge=1, le=256, doc="preprocessing worker processes"))
+    task_timeout_s: float = field(default=60.0, metadata=_bounds(ge=0.01, doc="longest preprocessing of one image"))
+    max_concurrent_fetches: int = field(
+        default=8, metadata=_bounds(ge=1, doc="remote images being fetched at once, all requests together")
+    )
+
+    def __post_init__(self) -> None:
+        if self.processor is not None:
+            try:
+                read_spec(resolve_processor(self.processor))
+            except ProcessorError as exc:
+                raise ValueError(f"processor: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ShmConfig:
+    name: str = field(default="mm-sidecar", metadata=_bounds(doc="segment name prefix; the pid is appended"))
+    dir: str = field(default="/dev/shm", metadata=_bounds(doc="tmpfs directory holding the segment"))
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}", self.name):
+            raise ValueError(f"name: letters, digits, '.', '_' and '-' only, got {self.name!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +235,8 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    shm: ShmConfig = field(default_factory=ShmConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:

@@ -62,6 +62,12 @@ class Metrics:
             ["status_class"],
             registry=registry,
         )
+        self.fetch_seconds = Histogram(
+            "mm_sidecar_fetch_seconds",
+            "Fetching one remote image (all redirects)",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.media_parts = Counter(
             "mm_sidecar_media_parts", "Media parts seen in admitted requests", ["media"], registry=registry
         )

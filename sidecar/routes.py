@@ -7,7 +7,6 @@ released at the engine's ack (see `upstream.py`) or on whatever else ends the re
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
@@ -16,8 +15,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app_keys import CONFIG, METRICS, POOL, STATE, UPSTREAM
-from .assemble import can_upgrade, upgrade_request
+from .app_keys import BODIES, CONFIG, METRICS, POOL, REMOTE, SPEC, STATE, UPSTREAM
+from .assemble import Kind, can_upgrade, upgrade_request
+from .bodies import read_body
 from .classify import classify
 from .errors import Cause, SidecarError
 from .families import Family, Route, error_response, family_of_path
@@ -31,23 +31,6 @@ def request_id_of(request: web.Request) -> str:
     """Keep a sane client `x-request-id` (for tracing across the hop), else make one."""
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-
-
-async def read_body(request: web.Request) -> bytes:
-    limit = request.app[CONFIG].server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise SidecarError(
-            Cause.BODY_TOO_LARGE,
-            f"request body is {request.content_length} bytes, more than server.max_body_bytes={limit}",
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise SidecarError(Cause.BODY_TOO_LARGE, f"request body is more than server.max_body_bytes={limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -79,15 +62,13 @@ class ApiHandler:
         config, metrics = app[CONFIG], app[METRICS]
         request_id = request_id_of(request)
         started = time.monotonic()
-        kind = "text"
         outcome = "cancelled"  # overwritten unless the client goes away first
+        charged = [0]  # body bytes held against server.max_body_memory, given back at the end
         try:
-            response = await self._handle(request, request_id)
-            kind = request.get(KIND, "text")
+            response = await self._handle(request, request_id, charged)
             outcome = _outcome(response.status)
             return response
         except SidecarError as error:
-            kind = request.get(KIND, "text")
             outcome = _outcome(error.status)
             metrics.rejections.labels(error.cause.code).inc()
             return error_response(
@@ -97,24 +78,35 @@ class ApiHandler:
                 retry_after_s=config.gate.retry_after_s,
                 anthropic_overload_status=config.gate.anthropic_overload_status,
             )
-        except (ConnectionResetError, asyncio.CancelledError):
-            kind = request.get(KIND, "text")
-            raise
         finally:
+            app[BODIES].give(charged[0])
+            kind = request.get(KIND, "text")
             metrics.requests.labels(self.route.family, kind, outcome).inc()
             metrics.request_duration.labels(self.route.family, kind).observe(time.monotonic() - started)
 
-    async def _handle(self, request: web.Request, request_id: str) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, request_id: str, charged: list[int]) -> web.StreamResponse:
         app = request.app
         config, metrics, pool = app[CONFIG], app[METRICS], app[POOL]
-        body = await read_body(request)
+        body, charged[0] = await read_body(request, app[BODIES], config.server.max_body_bytes)
         data = parse_json(body)
-        found = classify(self.route.kind, data, config.limits, config.gate)
+        spec = app.get(SPEC)
+        found = classify(self.route.kind, data, config.limits, config.gate, spec)
         request[KIND] = found.kind
         headers = request_headers(request.headers, request_id)
-        fwd = Forward(request.method, request.path_qs, headers, body, self.route.family, request_id)
         if not found.multimodal:
+            fwd = Forward(request.method, request.path_qs, headers, body, self.route.family, request_id)
             return await app[UPSTREAM].forward(request, fwd)
+
+        rewritten = False
+        if REMOTE in app:
+            added = await app[REMOTE].inline(found.parts, config.limits, spec, app[BODIES])
+            charged[0] += added
+            rewritten = added > 0
+        assemble: Kind | None = None
+        if config.upstream.stream_upgrade and can_upgrade(self.route.kind, data):
+            data, assemble, rewritten = upgrade_request(self.route.kind, data), self.route.kind, True
+        if rewritten:
+            body = orjson.dumps(data)
 
         queued_at = time.monotonic()
         try:
@@ -124,19 +116,9 @@ class ApiHandler:
         with lease:
             for part in found.parts:
                 metrics.media_parts.labels(part.media).inc()
-            if config.upstream.stream_upgrade and can_upgrade(self.route.kind, data):
-                fwd = Forward(
-                    fwd.method,
-                    fwd.path_qs,
-                    headers,
-                    orjson.dumps(upgrade_request(self.route.kind, data)),
-                    fwd.family,
-                    request_id,
-                    lease=lease,
-                    assemble=self.route.kind,
-                )
-            else:
-                fwd = Forward(fwd.method, fwd.path_qs, headers, body, fwd.family, request_id, lease=lease)
+            fwd = Forward(
+                request.method, request.path_qs, headers, body, self.route.family, request_id, lease, assemble
+            )
             return await app[UPSTREAM].forward(request, fwd)
 
 
@@ -145,12 +127,17 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     request_id = request_id_of(request)
     family: Family = family_of_path(request.path)
     try:
-        body = await read_body(request)
+        body, charged = await read_body(request, request.app[BODIES], request.app[CONFIG].server.max_body_bytes)
+    except SidecarError as error:
+        return error_response(family, error, request_id=request_id)
+    try:
         headers = request_headers(request.headers, request_id)
         fwd = Forward(request.method, request.path_qs, headers, body, family, request_id)
         return await request.app[UPSTREAM].forward(request, fwd)
     except SidecarError as error:
         return error_response(family, error, request_id=request_id)
+    finally:
+        request.app[BODIES].give(charged)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
@@ -104,3 +106,34 @@ async def stack(aiohttp_client: Any, aiohttp_server: Any) -> AsyncIterator[Stack
                 break
             await asyncio.sleep(0.01)
         assert s.pool_is_idle(), f"leaked: {s.app[POOL].stats()}"
+
+
+class FakeResolver(AbstractResolver):
+    """Answers from a table: name -> one answer per call (the last one repeats)."""
+
+    def __init__(self, table: dict[str, Sequence[Sequence[str]]]) -> None:
+        self.table = table
+        self.calls: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = self.table.get(host)
+        n = self.calls.count(host)
+        self.calls.append(host)
+        if answers is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=addr,
+                port=port,
+                family=socket.AF_INET6 if ":" in addr else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            )
+            for addr in answers[min(n, len(answers) - 1)]
+        ]
+
+    async def close(self) -> None:
+        pass

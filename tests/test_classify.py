@@ -129,20 +129,22 @@ def test_chat_image_url_with_detail() -> None:
 
 def test_chat_video_url() -> None:
     body = chat({"type": "video_url", "video_url": {"url": "https://videos.example.com/a.mp4"}})
-    part = only(classify("chat", body, REMOTE, GATE))
+    (part,) = find_media("chat", body)
     assert part.media == "video"
     assert isinstance(part.source, RemoteImage)
     assert part.source.host == "videos.example.com"
     assert part.encoded_bytes == 0
-    assert part.header is None
-    assert part.cost == UNKNOWN
+    # Only images are fetched and inlined by the sidecar; a remote video would be fetched by the engine.
+    err = refuse("chat", body, REMOTE)
+    assert err.cause is Cause.REMOTE_URL_FORBIDDEN
+    assert err.message == "messages[0].content[0]: remote video URLs are not supported; send the data inline"
 
 
 def test_chat_audio_url() -> None:
     body = chat({"type": "audio_url", "audio_url": "https://audio.example.com/a.wav"})
-    part = only(classify("chat", body, REMOTE, GATE))
+    (part,) = find_media("chat", body)
     assert part.media == "audio"
-    assert part.cost == UNKNOWN
+    assert "remote audio URLs are not supported" in refuse("chat", body, REMOTE).message
 
 
 def test_chat_input_audio() -> None:
@@ -313,7 +315,7 @@ def test_anthropic_url_image() -> None:
     body = anthropic(anthropic_image({"type": "url", "url": "https://img.example.com/cat.png"}))
     part = only(classify("messages", body, REMOTE, GATE))
     assert isinstance(part.source, RemoteImage)
-    assert part.cost == UNKNOWN
+    assert part.cost == 0  # priced once the sidecar has fetched it
 
 
 def test_anthropic_url_source_may_be_a_data_url() -> None:
@@ -378,14 +380,14 @@ def test_cost_sums_over_parts() -> None:
         image_url_part(data_url(10, 10)),
         {"type": "image_url", "image_url": data_url(20, 5, "JPEG")},
         {"type": "image_url", "image_url": "https://i.example.com/a.png"},
-        {"type": "video_url", "video_url": "https://v.example.com/a.mp4"},
+        {"type": "video_url", "video_url": "data:video/mp4;base64,AAAA"},
         {"type": "input_audio", "input_audio": {"data": b64(b"abc"), "format": "wav"}},
         {"type": "input_image", "file_id": "f"},
     )
     c = classify("chat", body, REMOTE, GATE)
-    assert [p.cost for p in c.parts] == [300, 300, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN]
-    assert c.cost == 600 + 4 * UNKNOWN
-    assert c.encoded_bytes == len(image(10, 10)) + len(image(20, 5, "JPEG")) + 3
+    assert [p.cost for p in c.parts] == [300, 300, 0, UNKNOWN, UNKNOWN, UNKNOWN]
+    assert c.cost == 600 + 3 * UNKNOWN
+    assert c.encoded_bytes == len(image(10, 10)) + len(image(20, 5, "JPEG")) + 3 + 3
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
@@ -510,7 +512,7 @@ def test_remote_url_host_allow_list() -> None:
     ok = only(classify("chat", chat(image_url_part("https://IMG.example.com:8443/a.png")), limits, GATE))
     assert isinstance(ok.source, RemoteImage)
     assert ok.source.host == "img.example.com"
-    assert ok.cost == UNKNOWN
+    assert ok.cost == 0  # priced once fetched
     for url in (
         "https://evil.example.com/a.png",
         "https://img.example.com.evil.net/a.png",
@@ -523,7 +525,8 @@ def test_remote_url_host_allow_list() -> None:
 
 
 def test_remote_url_any_host_when_allow_list_empty() -> None:
-    assert only(classify("chat", chat(image_url_part("https://anything.example/a")), REMOTE, GATE)).cost == UNKNOWN
+    part = only(classify("chat", chat(image_url_part("https://anything.example/a")), REMOTE, GATE))
+    assert isinstance(part.source, RemoteImage) and part.cost == 0
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,6 +33,8 @@ from preprocess.fetch import (
     SafeFetcher,
     is_forbidden_address,
 )
+
+from .conftest import FakeResolver
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 ALLOWED = ("127.0.0.2/32",)
@@ -79,37 +80,6 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Connects:
 
 
 # --------------------------------------------------------------------------- fakes
-
-
-class FakeResolver(AbstractResolver):
-    """Answers from a table: name -> one answer per call (the last one repeats)."""
-
-    def __init__(self, table: dict[str, Sequence[Sequence[str]]]) -> None:
-        self.table = table
-        self.calls: list[str] = []
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        answers = self.table.get(host)
-        n = self.calls.count(host)
-        self.calls.append(host)
-        if answers is None:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [
-            ResolveResult(
-                hostname=host,
-                host=addr,
-                port=port,
-                family=socket.AF_INET6 if ":" in addr else socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-            )
-            for addr in answers[min(n, len(answers) - 1)]
-        ]
-
-    async def close(self) -> None:
-        pass
 
 
 def image_app(hits: Counter[str]) -> web.Application:
