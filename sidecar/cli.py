@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import config as cfg
 from .app import serve
+from .ceiling import check_limit, memory_ceiling
 from .echo import EchoEngine
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "sidecar.yaml"
@@ -33,12 +34,27 @@ def _load(path: str) -> cfg.Config:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     print(yaml.safe_dump(cfg.to_mapping(config), sort_keys=False), end="")
+    ceiling = memory_ceiling(config)
+    print(f"# worst-case memory of the sidecar: {cfg.format_size(ceiling.total)}", file=sys.stderr)
+    print("\n".join("#" + line for line in ceiling.describe().splitlines()), file=sys.stderr)
+    refusal = check_limit(config)
+    if refusal is not None:
+        print(f"mm-sidecar: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"# {args.config}: OK", file=sys.stderr)
     return 0
 
 
+def _checked(config: cfg.Config) -> cfg.Config:
+    refusal = check_limit(config)
+    if refusal is not None:
+        print(f"mm-sidecar: {refusal}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return config
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _checked(_load(args.config))
     asyncio.run(serve(config))
     return 0
 
@@ -78,7 +94,7 @@ async def _run_with_echo(config: cfg.Config) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _checked(_load(args.config))
     if args.port is not None:
         config = replace(config, server=replace(config.server, port=args.port))
     asyncio.run(_run_with_echo(config))

@@ -1,0 +1,63 @@
+"""The worst-case memory of the sidecar, from its config alone (printed by `check-config`).
+
+    ceiling = base + request bodies + remote fetches
+
+Every term is a bound the config enforces, except the base, a measured figure for this code and
+its dependencies. Offload mode (the arena and the preprocessing workers) adds
+`arena + workers x (worker base + per-image peak)` when it lands. `serve` refuses to
+start when `server.memory_limit` is set below the ceiling, naming the terms, so a container limit
+that the sidecar could exceed under load is caught at deploy time instead of as an OOM kill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Config, format_size
+
+# Measured: an idle sidecar process is ~55 MiB RSS (Python, aiohttp, numpy, PIL); rounded up.
+SIDECAR_BASE = 128 * 1024**2
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    name: str
+    nbytes: int
+    how: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ceiling:
+    terms: tuple[Term, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(t.nbytes for t in self.terms)
+
+    def describe(self) -> str:
+        lines = [f"  {t.name:<16} {format_size(t.nbytes):>11}  {t.how}" for t in self.terms]
+        return "\n".join([*lines, f"  {'total':<16} {format_size(self.total):>11}"])
+
+
+def memory_ceiling(config: Config) -> Ceiling:
+    terms = [Term("base", SIDECAR_BASE, "the sidecar process at idle (measured, rounded up)")]
+    terms.append(Term("request bodies", config.server.max_body_memory, "server.max_body_memory"))
+    limits = config.limits
+    if limits.allow_remote_urls:
+        # Fetched bytes, then their base64 text in the rewritten body (4/3).
+        fetches = config.preprocess.max_concurrent_fetches * limits.max_image_bytes * 7 // 3
+        terms.append(Term("remote fetches", fetches, "preprocess.max_concurrent_fetches x max_image_bytes x 7/3"))
+    return Ceiling(tuple(terms))
+
+
+def check_limit(config: Config) -> str | None:
+    """The reason `serve` must refuse to start, or None."""
+    limit = config.server.memory_limit
+    ceiling = memory_ceiling(config)
+    if limit is None or ceiling.total <= limit:
+        return None
+    return (
+        f"server.memory_limit={limit} ({format_size(limit)}) is below the worst-case memory of this config, "
+        f"{format_size(ceiling.total)}:\n{ceiling.describe()}\n"
+        "lower the terms above (or raise the limit)"
+    )
