@@ -65,8 +65,10 @@ class ImagePipeline:
         directory: str,
         size: int,
         on_restart: Callable[[str], None] | None = None,
+        on_free: Callable[[], None] | None = None,
     ) -> None:
         self.processor = processor
+        self._on_free = on_free  # memory came back (the gate may admit a waiter)
         self.directory = directory
         self.instance = instance
         self.size = size
@@ -128,6 +130,26 @@ class ImagePipeline:
         assert self.arena is not None
         self._holds = {h for h in self._holds if h.extent != extent}
         self.arena.free(extent)
+        if self._on_free is not None:
+            self._on_free()
+
+    def allocate(self, sizes: tuple[int, ...]) -> list[ExtentHold] | None:
+        """One extent per size, all or none (the gate's Allocator)."""
+        holds: list[ExtentHold] = []
+        for size in sizes:
+            hold = self.reserve(size)
+            if hold is None:
+                for made in holds:
+                    made.release()
+                return None
+            holds.append(hold)
+        return holds
+
+    def free(self, handle: object) -> None:
+        """Release a request's extents (the gate's Allocator); each is freed once no worker writes it."""
+        assert isinstance(handle, list)
+        for hold in handle:
+            hold.release()
 
     # -- work ------------------------------------------------------------------------------
     async def process(self, hold: ExtentHold, data: bytes | str, expected: Shapes) -> Processed:

@@ -516,3 +516,17 @@ class ArenaReader:
             f"{where} holds generation {generation} ({_STATE_NAMES[state]}), the descriptor "
             f"generation {desc.generation}: the extent was freed or reused"
         )
+
+
+def shm_token(directory: str = "/dev/shm") -> str:
+    """Who sees this shared memory: boot id + device number of `directory`.
+
+    The engine reports it in its health answer; the sidecar compares it with its own before
+    offloading, since descriptors are meaningless to an engine on another host or another tmpfs.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown"
+    return f"{boot}:{os.stat(directory).st_dev}"

@@ -13,21 +13,25 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from preprocess.fetch import FetchPolicy, SafeFetcher
+from preprocess.pipeline import ImagePipeline
 from preprocess.processors import read_spec, resolve_processor
+from preprocess.protocol import PAGE, shm_token
 
-from .app_keys import BODIES, CONFIG, METRICS, POOL, REMOTE, RESOLVER, SPEC, STATE, UPSTREAM, ServerState
+from .app_keys import BODIES, CONFIG, METRICS, PIPELINE, POOL, REMOTE, RESOLVER, SPEC, STATE, UPSTREAM, ServerState
 from .bodies import BodyBudget
-from .config import Config
+from .config import Config, format_size
 from .errors import Cause, SidecarError
 from .families import ROUTES, error_response, family_of_path
 from .gate import SlotPool
 from .metrics import Metrics
+from .offload import verify_shared_memory
 from .remote import RemoteImages
 from .routes import ApiHandler, healthz, passthrough, readyz, request_id_of
 from .upstream import Upstream
@@ -87,6 +91,73 @@ async def _remote_ctx(app: web.Application) -> AsyncIterator[None]:
     await fetcher.close()
 
 
+async def _offload_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Offload mode: the arena and the workers, and the check that the engine shares our /dev/shm."""
+    config, metrics, pool = app[CONFIG], app[METRICS], app[POOL]
+    if config.upstream.mode != "offload":
+        yield
+        return
+    assert config.preprocess.processor is not None  # the config refuses offload without one
+    loop = asyncio.get_running_loop()
+    pipeline = ImagePipeline(
+        processor=config.preprocess.processor,
+        workers=config.preprocess.workers,
+        task_timeout_s=config.preprocess.task_timeout_s,
+        instance=config.shm.name,
+        directory=config.shm.dir,
+        size=config.gate.max_bytes // PAGE * PAGE,
+        on_restart=lambda reason: metrics.worker_restarts.labels(reason).inc(),
+        # Deferred frees (a worker finishing after its request ended) must wake queued requests;
+        # scheduled, not called, so that a free inside a lease release never re-enters the pool.
+        on_free=lambda: _call_soon(loop, pool.wake),
+    )
+    await pipeline.start()
+    app[PIPELINE] = pipeline
+    pool.attach_allocator(pipeline, pipeline.capacity)
+    metrics.arena_free_bytes.set_function(lambda: pipeline.stats()[0].largest_free)
+    log.info(
+        "offload: arena %s/%s, %s for tensors, %d workers with processor %s",
+        config.shm.dir,
+        pipeline.arena.name if pipeline.arena else "?",
+        format_size(pipeline.capacity),
+        config.preprocess.workers,
+        config.preprocess.processor,
+    )
+    watcher = asyncio.create_task(_verify_engine(app))
+    yield
+    watcher.cancel()
+    pool.close()
+    await pipeline.close()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    loop.call_soon(callback)
+
+
+async def _verify_engine(app: web.Application) -> None:
+    """Wait for the engine, then check it sees our /dev/shm; refuse to run (exit 2) if it does not.
+
+    In the background, so the sidecar answers /healthz while the engine starts (a Kubernetes
+    native sidecar starts before the engine); /readyz and offload requests wait for the check.
+    """
+    config, state, upstream = app[CONFIG], app[STATE], app[UPSTREAM]
+    token = shm_token(config.shm.dir)
+    while True:
+        try:
+            problem = await verify_shared_memory(upstream.session, upstream.base, config.upstream.health_path, token)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            await asyncio.sleep(0.5)
+            continue
+        if problem is None:
+            state.engine_verified = True
+            log.info("offload: the engine shares this /dev/shm (token %s)", token)
+            return
+        log.error("offload mode refused: %s", problem)
+        state.exit_code = 2
+        state.stop.set()
+        return
+
+
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Queued requests get a clean 503; leases still held are released by their handlers' finally.
@@ -123,6 +194,7 @@ def create_app(
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_remote_ctx)
     app.cleanup_ctx.append(_pool_ctx)
+    app.cleanup_ctx.append(_offload_ctx)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -148,8 +220,8 @@ async def drain(app: web.Application, timeout_s: float) -> bool:
         return False
 
 
-async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then shut down in order."""
+async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or a fatal check), then shut down in order; returns the exit code."""
     app = create_app(config)
     # handler_cancellation: a client that disconnects cancels its handler, which releases its lease
     # or leaves the queue at once instead of holding a slot for a reader who is gone.
@@ -162,7 +234,7 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     if ready is not None:
         ready(address)
 
-    stop = asyncio.Event()
+    stop = app[STATE].stop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -175,6 +247,7 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
             loop.remove_signal_handler(sig)
         await runner.cleanup()
         log.info("mm-sidecar stopped")
+    return app[STATE].exit_code
 
 
 def _address(runner: web.AppRunner) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
+from preprocess.pipeline import ImagePipeline
 from preprocess.processors import ProcessorSpec
 
 from .bodies import BodyBudget
@@ -24,6 +25,9 @@ class ServerState:
 
     draining: bool = False
     inflight: int = 0
+    engine_verified: bool = False  # offload: the engine sees our /dev/shm
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # set to shut the process down
+    exit_code: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever inflight is 0
 
     def __post_init__(self) -> None:
@@ -48,3 +52,4 @@ BODIES = web.AppKey("bodies", BodyBudget)
 SPEC = web.AppKey("spec", ProcessorSpec)  # present when preprocess.processor is set
 REMOTE = web.AppKey("remote", RemoteImages)  # present when limits.allow_remote_urls is on
 RESOLVER = web.AppKey("resolver", AbstractResolver)  # replaces DNS for remote fetches when present
+PIPELINE = web.AppKey("pipeline", ImagePipeline)  # present in offload mode

@@ -55,7 +55,30 @@ def _checked(config: cfg.Config) -> cfg.Config:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _checked(_load(args.config))
-    asyncio.run(serve(config))
+    return asyncio.run(serve(config))
+
+
+def _cmd_engine(args: argparse.Namespace) -> int:
+    # The one place that knows both sides: the sidecar's runtime never imports the engine.
+    from engine.launch import EngineConfig, run_engine  # noqa: PLC0415
+
+    config = EngineConfig(
+        model=args.model,
+        tp=args.tp,
+        host=args.host,
+        port=args.port,
+        uds=args.uds,
+        shm_dir=args.shm_dir,
+        checksums=args.report_checksums,
+    )
+    return run_engine(config)
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from engine.tiny import make_tiny_model  # noqa: PLC0415
+
+    path = make_tiny_model(args.directory, seed=args.seed)
+    print(f"tiny Qwen2-VL written to {path}")
     return 0
 
 
@@ -118,6 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--port", type=int, default=None, help="override server.port")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("engine", help="the reference torch engine (tensor parallel ranks, offload protocol)")
+    p.add_argument("--model", required=True, help="a Qwen2-VL-family checkpoint directory")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (default 2)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--uds", default=None, help="serve on this unix socket instead of TCP")
+    p.add_argument("--shm-dir", default="/dev/shm", dest="shm_dir")
+    p.add_argument(
+        "--report-checksums",
+        action="store_true",
+        dest="report_checksums",
+        help="answer x-mm-tensor-sha256 with each rank's checksums of the tensors it received (tests)",
+    )
+    p.set_defaults(func=_cmd_engine)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2-VL checkpoint (tests, demo)")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny_model)
 
     p = sub.add_parser("echo-upstream", help="a small OpenAI/Anthropic-compatible echo server for testing")
     p.add_argument("--host", default="127.0.0.1")

@@ -131,10 +131,6 @@ class UpstreamConfig:
                 raise ValueError(f"url: unix:// needs an absolute socket path, got {self.url!r}")
         else:
             raise ValueError(f"url: must start with http://, https:// or unix://, got {self.url!r}")
-        if self.mode == "offload":
-            # Accepted by the schema so configs can be written ahead; refused until the tensor
-            # handoff exists, rather than silently behaving like passthrough.
-            raise ValueError("mode: 'offload' is not available in this build yet; use 'passthrough'")
         if not self.health_path.startswith("/"):
             raise ValueError(f"health_path: must start with '/', got {self.health_path!r}")
 
@@ -240,6 +236,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
+        if self.upstream.mode == "offload" and self.preprocess.processor is None:
+            raise ValueError("preprocess.processor: offload mode needs the engine's image processor (a preset or dir)")
         if self.metrics.path in ("/healthz", "/readyz") or self.metrics.path.startswith("/v1/"):
             raise ValueError(f"metrics.path: must not shadow a served route, got {self.metrics.path!r}")
 

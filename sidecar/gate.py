@@ -20,8 +20,22 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Protocol
 
 from .errors import Cause, SidecarError
+
+
+class Allocator(Protocol):
+    """Backs the pool's byte budget with real memory (offload mode: arena extents).
+
+    `allocate` is all-or-nothing for one request's pieces; None means "not now" (fragmentation),
+    and the request waits like one that does not fit the budget. `free` may defer the actual
+    freeing (a worker still writing); the allocator then calls `SlotPool.wake()` when it happens.
+    """
+
+    def allocate(self, sizes: tuple[int, ...]) -> object | None: ...
+
+    def free(self, handle: object) -> None: ...
 
 
 @dataclass(slots=True)
@@ -32,6 +46,7 @@ class Lease:
     nbytes: int
     granted_at: float
     _pool: SlotPool | None = field(repr=False)
+    memory: object = None  # the allocator's handle (offload: the request's extents)
 
     @property
     def released(self) -> bool:
@@ -66,6 +81,7 @@ class PoolStats:
 @dataclass(slots=True)
 class _Waiter:
     nbytes: int
+    sizes: tuple[int, ...]
     future: asyncio.Future[Lease]
 
 
@@ -78,17 +94,25 @@ class SlotPool:
         max_queue: int,
         queue_timeout_s: float,
         on_change: Callable[[PoolStats], None] | None = None,
+        allocator: Allocator | None = None,
     ) -> None:
         self.max_concurrent = max_concurrent
         self.max_bytes = max_bytes
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self._on_change = on_change
+        self._allocator = allocator
         self._ids = itertools.count(1)
         self._leases: dict[int, Lease] = {}
         self._reserved = 0
         self._waiters: deque[_Waiter] = deque()
         self._closed = False
+
+    def attach_allocator(self, allocator: Allocator, max_bytes: int) -> None:
+        """Back the byte budget with real memory from now on (offload: the arena, once created)."""
+        self._allocator = allocator
+        self.max_bytes = max_bytes
+        self._notify()
 
     # -- state -----------------------------------------------------------------------------
     def stats(self) -> PoolStats:
@@ -104,28 +128,36 @@ class SlotPool:
         if self._on_change is not None:
             self._on_change(self.stats())
 
-    def _fits(self, nbytes: int) -> bool:
-        return len(self._leases) < self.max_concurrent and self._reserved + nbytes <= self.max_bytes
-
-    def _grant(self, nbytes: int) -> Lease:
-        lease = Lease(id=next(self._ids), nbytes=nbytes, granted_at=time.monotonic(), _pool=self)
+    def _try_grant(self, nbytes: int, sizes: tuple[int, ...]) -> Lease | None:
+        if len(self._leases) >= self.max_concurrent or self._reserved + nbytes > self.max_bytes:
+            return None
+        memory = None
+        if self._allocator is not None:
+            memory = self._allocator.allocate(sizes)
+            if memory is None:
+                return None
+        lease = Lease(id=next(self._ids), nbytes=nbytes, granted_at=time.monotonic(), _pool=self, memory=memory)
         self._leases[lease.id] = lease
         self._reserved += nbytes
         return lease
 
     # -- admission -------------------------------------------------------------------------
-    def try_acquire(self, nbytes: int) -> Lease | None:
+    def try_acquire(self, nbytes: int, sizes: tuple[int, ...] = ()) -> Lease | None:
         """A lease now if one is free and nobody is queued ahead, else None."""
         self._check_admissible(nbytes)
-        if self._waiters or not self._fits(nbytes):
+        if self._waiters:
             return None
-        lease = self._grant(nbytes)
-        self._notify()
+        lease = self._try_grant(nbytes, sizes)
+        if lease is not None:
+            self._notify()
         return lease
 
-    async def acquire(self, nbytes: int) -> Lease:
-        """Wait (FIFO, bounded) for a lease; raises SidecarError QUEUE_FULL / QUEUE_TIMEOUT / OVER_BUDGET."""
-        lease = self.try_acquire(nbytes)
+    async def acquire(self, nbytes: int, sizes: tuple[int, ...] = ()) -> Lease:
+        """Wait (FIFO, bounded) for a lease; raises SidecarError QUEUE_FULL / QUEUE_TIMEOUT / OVER_BUDGET.
+
+        `sizes` are the pieces the allocator (if any) must find room for; `nbytes` is their total.
+        """
+        lease = self.try_acquire(nbytes, sizes)
         if lease is not None:
             return lease
         if len(self._waiters) >= self.max_queue:
@@ -134,7 +166,7 @@ class SlotPool:
                 f"too many multimodal requests: {len(self._leases)} in progress and "
                 f"{len(self._waiters)} queued (gate.max_queue={self.max_queue}); retry later",
             )
-        waiter = _Waiter(nbytes, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(nbytes, sizes, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         self._notify()
         try:
@@ -178,14 +210,27 @@ class SlotPool:
     def _return(self, lease: Lease) -> None:
         del self._leases[lease.id]
         self._reserved -= lease.nbytes
+        if self._allocator is not None and lease.memory is not None:
+            self._allocator.free(lease.memory)
+        self._wake()
+        self._notify()
+
+    def wake(self) -> None:
+        """Memory came back outside a lease release (a deferred free): let waiters in."""
         self._wake()
         self._notify()
 
     def _wake(self) -> None:
-        while self._waiters and self._fits(self._waiters[0].nbytes):
-            waiter = self._waiters.popleft()
-            if not waiter.future.done():
-                waiter.future.set_result(self._grant(waiter.nbytes))
+        while self._waiters:
+            head = self._waiters[0]
+            if head.future.done():  # cancelled, about to leave the queue
+                self._waiters.popleft()
+                continue
+            lease = self._try_grant(head.nbytes, head.sizes)
+            if lease is None:
+                return
+            self._waiters.popleft()
+            head.future.set_result(lease)
 
     def close(self) -> None:
         """Refuse new admissions and fail every queued waiter with SHUTTING_DOWN."""

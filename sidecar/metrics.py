@@ -68,6 +68,21 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.decode_seconds = Histogram(
+            "mm_sidecar_decode_seconds", "Decoding one image in a worker", buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self.preprocess_seconds = Histogram(
+            "mm_sidecar_preprocess_seconds",
+            "Running the image processor on one image in a worker",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.worker_restarts = Counter(
+            "mm_sidecar_worker_restarts", "Preprocessing workers replaced, by reason", ["reason"], registry=registry
+        )
+        self.arena_free_bytes = Gauge(
+            "mm_sidecar_arena_largest_free_bytes", "Largest free run in the arena (offload mode)", registry=registry
+        )
         self.media_parts = Counter(
             "mm_sidecar_media_parts", "Media parts seen in admitted requests", ["media"], registry=registry
         )

@@ -14,13 +14,16 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
-from .app_keys import BODIES, CONFIG, METRICS, POOL, REMOTE, SPEC, STATE, UPSTREAM
+from .app_keys import BODIES, CONFIG, METRICS, PIPELINE, POOL, REMOTE, SPEC, STATE, UPSTREAM
 from .assemble import Kind, can_upgrade, upgrade_request
 from .bodies import read_body
-from .classify import classify
+from .classify import Classification, classify
 from .errors import Cause, SidecarError
 from .families import Family, Route, error_response, family_of_path
+from .gate import Lease
+from .offload import CHAT_PATH, check_offloadable, preprocess_images, to_chat
 from .upstream import Forward, request_headers
 
 KIND = web.RequestKey("mm_kind", str)  # "text" | "multimodal", once classified
@@ -86,38 +89,83 @@ class ApiHandler:
 
     async def _handle(self, request: web.Request, request_id: str, charged: list[int]) -> web.StreamResponse:
         app = request.app
-        config, metrics, pool = app[CONFIG], app[METRICS], app[POOL]
+        config = app[CONFIG]
         body, charged[0] = await read_body(request, app[BODIES], config.server.max_body_bytes)
         data = parse_json(body)
         spec = app.get(SPEC)
         found = classify(self.route.kind, data, config.limits, config.gate, spec)
         request[KIND] = found.kind
         headers = request_headers(request.headers, request_id)
+        if REMOTE in app and found.multimodal:
+            added = await app[REMOTE].inline(found.parts, config.limits, spec, app[BODIES])
+            charged[0] += added
+            if added:
+                body = orjson.dumps(data)
+        if config.upstream.mode == "offload":
+            return await self._offload(request, request_id, headers, data, found)
         if not found.multimodal:
             fwd = Forward(request.method, request.path_qs, headers, body, self.route.family, request_id)
             return await app[UPSTREAM].forward(request, fwd)
 
-        rewritten = False
-        if REMOTE in app:
-            added = await app[REMOTE].inline(found.parts, config.limits, spec, app[BODIES])
-            charged[0] += added
-            rewritten = added > 0
         assemble: Kind | None = None
         if config.upstream.stream_upgrade and can_upgrade(self.route.kind, data):
-            data, assemble, rewritten = upgrade_request(self.route.kind, data), self.route.kind, True
-        if rewritten:
+            data, assemble = upgrade_request(self.route.kind, data), self.route.kind
             body = orjson.dumps(data)
-
-        queued_at = time.monotonic()
-        try:
-            lease = await pool.acquire(found.cost)
-        finally:
-            metrics.queue_wait.observe(time.monotonic() - queued_at)
+        lease = await self._admit(app, found.cost)
         with lease:
-            for part in found.parts:
-                metrics.media_parts.labels(part.media).inc()
             fwd = Forward(
                 request.method, request.path_qs, headers, body, self.route.family, request_id, lease, assemble
+            )
+            return await app[UPSTREAM].forward(request, fwd)
+
+    async def _admit(self, app: web.Application, nbytes: int, sizes: tuple[int, ...] = ()) -> Lease:
+        metrics = app[METRICS]
+        queued_at = time.monotonic()
+        try:
+            return await app[POOL].acquire(nbytes, sizes)
+        finally:
+            metrics.queue_wait.observe(time.monotonic() - queued_at)
+
+    async def _offload(
+        self,
+        request: web.Request,
+        request_id: str,
+        headers: CIMultiDict[str],
+        data: dict[str, Any],
+        found: Classification,
+    ) -> web.StreamResponse:
+        """Offload mode: preprocess here, send tensor descriptors, release at the engine's headers."""
+        app = request.app
+        if not app[STATE].engine_verified:
+            raise SidecarError(
+                Cause.UPSTREAM_UNAVAILABLE, "the engine has not been verified to share this /dev/shm yet; retry"
+            )
+        if not found.multimodal:
+            chat, transform = to_chat(self.route, data)
+            fwd = Forward(
+                "POST", CHAT_PATH, headers, orjson.dumps(chat), self.route.family, request_id, transform=transform
+            )
+            return await app[UPSTREAM].forward(request, fwd)
+        check_offloadable(found)
+        spec, metrics = app[SPEC], app[METRICS]
+        sizes = tuple(part.cost for part in found.parts)
+        lease = await self._admit(app, sum(sizes), sizes)
+        with lease:  # on any ending, the extents go back once no worker writes them
+            for part in found.parts:
+                metrics.media_parts.labels(part.media).inc()
+            assert isinstance(lease.memory, list)  # the pipeline's extents, one per image
+            await preprocess_images(app[PIPELINE], lease.memory, found.parts, spec, metrics)
+            chat, transform = to_chat(self.route, data)
+            fwd = Forward(
+                "POST",
+                CHAT_PATH,
+                headers,
+                orjson.dumps(chat),
+                self.route.family,
+                request_id,
+                lease,
+                ack="headers",
+                transform=transform,
             )
             return await app[UPSTREAM].forward(request, fwd)
 
@@ -147,6 +195,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[STATE].draining:
         return web.json_response({"status": "draining"}, status=503)
+    if request.app[CONFIG].upstream.mode == "offload" and not request.app[STATE].engine_verified:
+        return web.json_response({"status": "engine not verified (shared memory)"}, status=503)
     if not await request.app[UPSTREAM].healthy():
         return web.json_response({"status": "upstream unreachable"}, status=503)
     return web.json_response({"status": "ready"})

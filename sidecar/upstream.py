@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -31,7 +31,7 @@ from .errors import Cause, SidecarError
 from .families import Family, error_event
 from .gate import Lease
 from .metrics import Metrics
-from .sse import SSEParser
+from .sse import SSEEvent, SSEParser
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus those aiohttp computes itself on each side.
 _HOP_BY_HOP = frozenset(
@@ -93,6 +93,24 @@ class Forward:
     request_id: str
     lease: Lease | None = None  # multimodal: released at the ack
     assemble: Kind | None = None  # set when the sidecar upgraded a non-streaming request
+    # "headers": the engine's response headers are the ack (offload: it sends them only after
+    # every rank copied its tensors); "first_chunk": the passthrough rules in the module docstring.
+    ack: Literal["first_chunk", "headers"] = "first_chunk"
+    transform: ResponseTransform | None = None  # a chat answer translated back to the client's API
+
+
+class StreamTranslator(Protocol):
+    def feed(self, event: SSEEvent) -> list[bytes]: ...
+
+    def finish(self) -> list[bytes]: ...
+
+
+class ResponseTransform(Protocol):
+    """Turns the engine's chat-completions answer into the client's API (Anthropic, Responses)."""
+
+    def stream(self) -> StreamTranslator: ...
+
+    def whole(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class Upstream:
@@ -170,8 +188,10 @@ class Upstream:
         started = loop.time()
         deadline = started + self.config.ack_timeout_s if fwd.lease is not None else None
         async with self._open(fwd, deadline) as resp:
+            if fwd.lease is not None and fwd.ack == "headers" and fwd.lease.release():
+                self.metrics.ack_latency.observe(loop.time() - started)
             try:
-                if fwd.lease is not None:
+                if fwd.lease is not None and not fwd.lease.released:
                     first = await self._until_ack(resp, fwd, started)
                 else:
                     first = await resp.content.readany()
@@ -183,6 +203,8 @@ class Upstream:
                 )
             if fwd.assemble is not None and resp.status == 200 and _is_sse(resp):
                 return await self._assembled(resp, fwd, first)
+            if fwd.transform is not None and resp.status == 200:
+                return await self._translated(request, resp, fwd, fwd.transform, first)
             return await self._stream(request, resp, fwd, first)
 
     async def _until_ack(self, resp: aiohttp.ClientResponse, fwd: Forward, started: float) -> bytes | _Whole:
@@ -256,6 +278,48 @@ class Upstream:
         headers.popall("Content-Type", None)
         headers.popall("Cache-Control", None)
         return web.Response(status=200, body=orjson.dumps(result), content_type="application/json", headers=headers)
+
+    async def _translated(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        fwd: Forward,
+        transform: ResponseTransform,
+        first: bytes,
+    ) -> web.StreamResponse:
+        headers = response_headers(resp.headers, fwd.request_id)
+        headers.popall("Content-Type", None)
+        if not _is_sse(resp):
+            try:
+                body = orjson.loads(first + await resp.read())
+                out = transform.whole(body)
+            except (orjson.JSONDecodeError, aiohttp.ClientError, ValueError, TypeError, KeyError) as exc:
+                raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"cannot translate the engine's answer: {exc}") from exc
+            return web.Response(body=orjson.dumps(out), content_type="application/json", headers=headers)
+        stream = web.StreamResponse(headers=headers)
+        stream.content_type = "text/event-stream"
+        stream.headers["X-Accel-Buffering"] = "no"
+        stream.headers["Cache-Control"] = "no-cache"
+        await stream.prepare(request)
+        parser, translator = SSEParser(), transform.stream()
+        try:
+            chunk = first
+            while chunk:
+                for event in parser.feed(chunk):
+                    for frame in translator.feed(event):
+                        await stream.write(frame)
+                chunk = await resp.content.readany()
+            for event in parser.close():
+                for frame in translator.feed(event):
+                    await stream.write(frame)
+            for frame in translator.finish():
+                await stream.write(frame)
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            error = SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off the stream: {exc}")
+            with contextlib.suppress(ConnectionError):
+                await stream.write(error_event(fwd.family, error))
+        await stream.write_eof()
+        return stream
 
 
 @dataclass(frozen=True, slots=True)

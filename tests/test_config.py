@@ -261,10 +261,18 @@ def test_optional_keys_accept_null() -> None:
     assert c.upstream.read_timeout_s is None
 
 
-def test_offload_mode_is_refused_until_it_exists() -> None:
+def test_offload_mode_needs_a_processor() -> None:
     assert config_error({"upstream": {"mode": "offload"}}) == (
-        "upstream.mode: 'offload' is not available in this build yet; use 'passthrough'"
+        "preprocess.processor: offload mode needs the engine's image processor (a preset or dir)"
     )
+    c = from_mapping({"upstream": {"mode": "offload"}, "preprocess": {"processor": "qwen2-vl"}})
+    assert c.upstream.mode == "offload"
+
+
+def test_unknown_processor_is_refused_naming_the_presets() -> None:
+    message = config_error({"preprocess": {"processor": "no-such-model"}})
+    assert message.startswith("preprocess.processor: image processor 'no-such-model' is neither a preset (")
+    assert "qwen2-vl" in message
 
 
 def test_https_and_ipv6_upstream_urls() -> None:

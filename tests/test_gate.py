@@ -209,3 +209,47 @@ def test_random_schedules_keep_bounds_and_drain_to_zero(ops: list[tuple[str, int
         assert p.stats() == PoolStats(0, 0, 0, 3, 50)
 
     asyncio.run(run())
+
+
+class FakeArena:
+    """An allocator with room for `slots` pieces; frees may be deferred like a worker still writing."""
+
+    def __init__(self, slots: int) -> None:
+        self.free_slots = slots
+        self.deferred: list[tuple[int, ...]] = []
+        self.defer = False
+
+    def allocate(self, sizes: tuple[int, ...]) -> object | None:
+        if len(sizes) > self.free_slots:
+            return None
+        self.free_slots -= len(sizes)
+        return sizes
+
+    def free(self, handle: object) -> None:
+        assert isinstance(handle, tuple)
+        if self.defer:
+            self.deferred.append(handle)
+        else:
+            self.free_slots += len(handle)
+
+
+async def test_allocator_backs_the_budget_and_deferred_frees_wake_waiters() -> None:
+    arena = FakeArena(slots=2)
+    p = SlotPool(max_concurrent=4, max_bytes=1000, max_queue=4, queue_timeout_s=5, allocator=arena)
+    first = await p.acquire(20, (10, 10))
+    assert first.memory == (10, 10) and arena.free_slots == 0
+    # The byte budget has room, the allocator has not (fragmentation): the request waits.
+    waiter = asyncio.create_task(p.acquire(10, (10,)))
+    await asyncio.sleep(0.01)
+    assert not waiter.done() and p.stats().queued == 1
+    arena.defer = True
+    first.release()  # lease gone, but a worker still writes: the memory is not back yet
+    await asyncio.sleep(0.01)
+    assert not waiter.done() and p.stats().leases == 0
+    arena.free_slots += len(arena.deferred.pop())
+    p.wake()  # the deferred free happened
+    second = await waiter
+    assert second.memory == (10,)
+    arena.defer = False
+    second.release()
+    assert arena.free_slots == 2 and p.stats() == PoolStats(0, 0, 0, 4, 1000)

@@ -1,0 +1,146 @@
+"""Offload mode: the sidecar preprocesses images itself and hands the engine tensors, not images.
+
+For a multimodal request: admission reserves one arena extent per image (the gate's allocator is
+the pipeline, so the byte budget is real memory); workers decode and preprocess each image
+straight into its extent; every image part is rewritten into a tensor part
+
+    {"type": "image_tensors", "tensors": {"pixel_values": <descriptor>, "image_grid_thw": <descriptor>}}
+
+and the request goes to the engine's chat endpoint. The engine's response headers are the ack
+(it sends them only after every rank copied its tensors): the lease, and with it the extents, is
+released then, or on whatever else ends the request first. Extents are freed only once no worker
+can still write into them (`preprocess.pipeline.ExtentHold`).
+
+The reference engine speaks chat completions only, so in this mode Anthropic `/v1/messages` and
+OpenAI `/v1/responses` requests are translated to chat form and the answers translated back,
+streaming included (`translate.py`); text requests on those routes too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from preprocess.cost import output_shapes
+from preprocess.pipeline import ImagePipeline, Processed
+from preprocess.pool import PoolError, TaskFailed, TaskTimeout
+from preprocess.processors import ProcessorSpec
+from preprocess.sources import InlineImage
+
+from .classify import Classification, MediaPart
+from .errors import Cause, SidecarError
+from .families import Route
+from .metrics import Metrics
+from .translate import (
+    StreamTranslator,
+    chat_stream_to_messages,
+    chat_stream_to_responses,
+    chat_to_messages,
+    chat_to_responses,
+    messages_to_chat,
+    responses_to_chat,
+)
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesTransform:
+    model: str
+    message_id: str
+
+    def stream(self) -> StreamTranslator:
+        return chat_stream_to_messages(self.model, self.message_id)
+
+    def whole(self, body: dict[str, Any]) -> dict[str, Any]:
+        return chat_to_messages(body)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesTransform:
+    request: dict[str, Any]
+    response_id: str
+
+    def stream(self) -> StreamTranslator:
+        return chat_stream_to_responses(self.request, self.response_id)
+
+    def whole(self, body: dict[str, Any]) -> dict[str, Any]:
+        return chat_to_responses(body, self.request)
+
+
+Transform = MessagesTransform | ResponsesTransform
+
+
+def to_chat(route: Route, data: dict[str, Any]) -> tuple[dict[str, Any], Transform | None]:
+    """The chat-completions request for the engine, and how to translate its answer back."""
+    from .translate import TranslationError  # noqa: PLC0415 - keeps the import list above readable
+
+    try:
+        if route.kind == "messages":
+            return messages_to_chat(data), MessagesTransform(str(data.get("model", "")), f"msg_{uuid.uuid4().hex}")
+        if route.kind == "responses":
+            return responses_to_chat(data), ResponsesTransform(data, f"resp_{uuid.uuid4().hex}")
+    except TranslationError as exc:
+        raise SidecarError(Cause.BAD_REQUEST, str(exc)) from None
+    return data, None
+
+
+def check_offloadable(found: Classification) -> None:
+    for part in found.parts:
+        if part.media != "image" or not isinstance(part.source, InlineImage) or part.header is None:
+            raise SidecarError(
+                Cause.BAD_REQUEST,
+                f"{part.path}: offload mode takes images sent inline (data URL, base64 or a fetched URL); "
+                f"this {part.media} part cannot be preprocessed by the sidecar",
+                param=part.path,
+            )
+
+
+async def preprocess_images(
+    pipeline: ImagePipeline, holds: list[Any], parts: tuple[MediaPart, ...], spec: ProcessorSpec, metrics: Metrics
+) -> None:
+    """Run every image through the workers into its extent and rewrite its part into a tensor part."""
+
+    async def one(part: MediaPart, hold: Any) -> Processed:
+        assert isinstance(part.source, InlineImage) and part.header is not None  # check_offloadable
+        expected = output_shapes(spec, *part.header.display_size)
+        try:
+            return await pipeline.process(hold, part.source.b64, expected)
+        except TaskFailed as exc:
+            raise SidecarError(
+                Cause.BAD_IMAGE, f"{part.path}: cannot decode the image: {exc}", param=part.path
+            ) from None
+        except TaskTimeout as exc:
+            raise SidecarError(Cause.PREPROCESS_FAILED, f"{part.path}: {exc}", param=part.path) from None
+        except PoolError as exc:
+            raise SidecarError(Cause.PREPROCESS_FAILED, f"{part.path}: preprocessing failed: {exc}") from None
+
+    results = await asyncio.gather(*(one(p, h) for p, h in zip(parts, holds, strict=True)), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    for part, done in zip(parts, results, strict=True):
+        assert isinstance(done, Processed)
+        metrics.decode_seconds.observe(done.result.decode_s)
+        metrics.preprocess_seconds.observe(done.result.preprocess_s)
+        part.node.clear()
+        part.node.update({"type": "image_tensors", "tensors": {n: d.to_json() for n, d in done.tensors.items()}})
+
+
+async def verify_shared_memory(session: aiohttp.ClientSession, base: str, health_path: str, token: str) -> str | None:
+    """None when the engine sees our /dev/shm; else why not. Raises aiohttp/OS errors if unreachable."""
+    async with session.get(base + health_path, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        body = await resp.json(content_type=None)
+    theirs = (body.get("shm") or {}).get("token") if isinstance(body, dict) else None
+    if theirs is None:
+        return "the engine's health answer has no shm.token: it does not speak the offload protocol"
+    if theirs != token:
+        return (
+            f"the engine sees a different shared memory (its token {theirs!r}, ours {token!r}): "
+            "run it in the same pod/host with the same /dev/shm mounted, or use upstream.mode: passthrough"
+        )
+    return None

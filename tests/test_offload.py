@@ -1,0 +1,215 @@
+"""Offload mode against a protocol-speaking fake engine: the handoff, the ack and every way it can fail.
+
+The fake engine is a real reader: it validates the descriptors and copies the tensors out of the
+sidecar's real /dev/shm arena with `ArenaReader`, as an engine author would. Then it behaves as each
+test asks: answers, rejects, never answers, or dies before its headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from preprocess.processors import decode, load_processor, run_processor
+from preprocess.protocol import ArenaReader, DescriptorError, TensorDescriptor, shm_token
+from sidecar.app import create_app
+from sidecar.app_keys import PIPELINE, POOL, STATE
+
+from .conftest import image_bytes, make_config
+
+Behaviour = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse | None]]
+
+
+class FakeEngine:
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token or shm_token("/dev/shm")
+        self.reader = ArenaReader("/dev/shm")
+        self.received: list[dict[str, np.ndarray]] = []
+        self.bodies: list[dict[str, Any]] = []
+        self.behaviour: Behaviour | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 28)
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _close(self, app: web.Application) -> None:
+        self.reader.close()
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "shm": {"dir": "/dev/shm", "token": self.token}})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        if self.behaviour is not None:
+            early = await self.behaviour(request, body)
+            if early is not None:
+                return early
+        try:
+            for message in body["messages"]:
+                for part in message["content"] if isinstance(message["content"], list) else []:
+                    if part["type"] == "image_tensors":
+                        descs = {n: TensorDescriptor.from_json(d) for n, d in part["tensors"].items()}
+                        self.received.append({n: self.reader.copy_out(d).numpy() for n, d in descs.items()})
+        except DescriptorError as exc:
+            return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error"}}, status=400)
+        answer = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        return web.json_response(answer)
+
+
+def chat_with_images(*sizes: tuple[int, int]) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": "what?"}]
+    for w, h in sizes:
+        url = "data:image/png;base64," + base64.b64encode(image_bytes(w, h)).decode()
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    return {"model": "m", "messages": [{"role": "user", "content": content}]}
+
+
+@pytest.fixture
+async def offload(aiohttp_server: Any, aiohttp_client: Any) -> Callable[..., Awaitable[tuple[Any, FakeEngine]]]:
+    async def build(engine: FakeEngine | None = None, **sections: dict[str, Any]) -> tuple[Any, FakeEngine]:
+        engine = engine or FakeEngine()
+        upstream = await aiohttp_server(engine.app())
+        raw: dict[str, Any] = {
+            "upstream": {"mode": "offload", "ack_timeout_s": 5},
+            "preprocess": {"processor": "qwen2-vl", "workers": 1},
+            "gate": {"max_bytes": "64MiB"},
+            "shm": {"name": f"test-{id(engine):x}"},
+        }
+        for name, values in sections.items():
+            raw.setdefault(name, {}).update(values)
+        client = await aiohttp_client(create_app(make_config(str(upstream.make_url("")).rstrip("/"), **raw)))
+        async with asyncio.timeout(10):
+            while not client.app[STATE].engine_verified and not client.app[STATE].stop.is_set():
+                await asyncio.sleep(0.02)
+        return client, engine
+
+    return build
+
+
+def assert_all_free(client: Any) -> None:
+    stats = client.app[POOL].stats()
+    assert (stats.leases, stats.reserved_bytes, stats.queued) == (0, 0, 0)
+    assert client.app[PIPELINE].stats()[0].extents == 0
+
+
+async def wait_all_free(client: Any) -> None:
+    async with asyncio.timeout(30):
+        while client.app[PIPELINE].stats()[0].extents or client.app[POOL].stats().leases:
+            await asyncio.sleep(0.02)
+    assert_all_free(client)
+
+
+async def test_tensors_reach_the_engine_bit_identical_and_everything_is_freed(offload: Any) -> None:
+    client, engine = await offload()
+    resp = await client.post("/v1/chat/completions", json=chat_with_images((64, 48), (300, 90)))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["choices"][0]["message"]["content"] == "ok"
+    processor = load_processor("qwen2-vl")
+    for got, (w, h) in zip(engine.received, ((64, 48), (300, 90)), strict=True):
+        want = run_processor(processor, decode(image_bytes(w, h)))
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name])
+    parts = engine.bodies[0]["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_tensors", "image_tensors"]
+    assert set(parts[1]["tensors"]) == {"pixel_values", "image_grid_thw"}
+    assert_all_free(client)
+
+
+async def test_engine_rejecting_a_descriptor_frees_the_extent_once(offload: Any) -> None:
+    async def reject(request: web.Request, body: dict[str, Any]) -> web.Response:
+        return web.json_response(
+            {"error": {"message": "stale generation", "type": "invalid_request_error"}}, status=400
+        )
+
+    client, engine = await offload()
+    engine.behaviour = reject
+    resp = await client.post("/v1/chat/completions", json=chat_with_images((64, 48)))
+    assert resp.status == 400 and (await resp.json())["error"]["message"] == "stale generation"
+    assert_all_free(client)
+
+
+async def test_ack_timeout_frees_the_extent_and_answers_504(offload: Any) -> None:
+    async def never(request: web.Request, body: dict[str, Any]) -> None:
+        await asyncio.sleep(60)
+
+    client, engine = await offload(upstream={"ack_timeout_s": 0.5})
+    engine.behaviour = never
+    resp = await client.post("/v1/chat/completions", json=chat_with_images((64, 48)))
+    assert resp.status == 504
+    assert "upstream.ack_timeout_s=0.5" in (await resp.json())["error"]["message"]
+    assert_all_free(client)
+
+
+async def test_engine_dying_between_handoff_and_ack_frees_the_extent(offload: Any) -> None:
+    async def die(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.StreamResponse()
+
+    client, engine = await offload()
+    engine.behaviour = die
+    resp = await client.post("/v1/chat/completions", json=chat_with_images((64, 48)))
+    assert resp.status == 502
+    assert (await resp.json())["error"]["code"] == "upstream_unavailable"
+    assert_all_free(client)
+
+
+async def test_client_disconnect_during_preprocessing_frees_after_the_worker(offload: Any) -> None:
+    hold = asyncio.Event()
+
+    async def park(request: web.Request, body: dict[str, Any]) -> None:
+        await hold.wait()
+
+    client, engine = await offload()
+    engine.behaviour = park
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=chat_with_images((1920, 1080))))
+    async with asyncio.timeout(10):
+        while client.app[PIPELINE].stats()[1].busy == 0:
+            await asyncio.sleep(0.005)
+    task.cancel()
+    await wait_all_free(client)
+    assert engine.bodies == []  # never forwarded
+    hold.set()
+
+
+async def test_bad_image_bytes_are_a_400_naming_the_part(offload: Any) -> None:
+    client, engine = await offload()
+    # A valid PNG header (the probe passes) over a corrupt body: only the decode can tell.
+    png = bytearray(image_bytes(64, 48))
+    png[60:] = b"\x00" * (len(png) - 60)
+    body = chat_with_images()
+    body["messages"][0]["content"].append(
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(bytes(png)).decode()}}
+    )
+    resp = await client.post("/v1/chat/completions", json=body)
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "messages[0].content[1]"
+    assert "cannot decode the image" in error["message"]
+    assert engine.bodies == []
+    assert_all_free(client)
+
+
+async def test_an_engine_on_another_shm_is_refused(offload: Any) -> None:
+    client, _ = await offload(FakeEngine(token="some-other-host:42"))
+    assert client.app[STATE].stop.is_set() and client.app[STATE].exit_code == 2
+    assert not client.app[STATE].engine_verified
+    resp = await client.post("/v1/chat/completions", json=chat_with_images((8, 8)))
+    assert resp.status == 502 and "not been verified" in (await resp.json())["error"]["message"]
