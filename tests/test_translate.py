@@ -36,7 +36,7 @@ from sidecar.translate import (
 JSON = dict[str, Any]
 
 PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\nnot-really").decode()
-TENSORS: Any = {"type": "image_tensors", "image_tensors": {"pixel_values": {"segment": "arena0", "offset": 4096}}}
+TENSORS: Any = {"type": "image_tensors", "tensors": {"pixel_values": {"segment": "arena0", "offset": 4096}}}
 
 # ------------------------------------------------------------------------------------------------
 # Upstream chat streams, as vLLM writes them
@@ -282,7 +282,7 @@ def test_messages_request_streaming_asks_for_usage() -> None:
 
 
 def test_image_tensors_parts_pass_through_unchanged_and_in_order() -> None:
-    second = {"type": "image_tensors", "image_tensors": {"pixel_values": {"segment": "arena0", "offset": 0}}}
+    second = {"type": "image_tensors", "tensors": {"pixel_values": {"segment": "arena0", "offset": 0}}}
     body = {
         "model": "m",
         "max_tokens": 5,
