@@ -18,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/mm-sidecar run --config config/sidecar.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar preprocess tests
-	$(BIN)/ruff format --check sidecar preprocess tests
+	$(BIN)/ruff check sidecar preprocess engine tests
+	$(BIN)/ruff format --check sidecar preprocess engine tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -208,7 +208,9 @@ class PreprocessConfig:
 
 @dataclass(frozen=True, slots=True)
 class ShmConfig:
-    name: str = field(default="mm-sidecar", metadata=_bounds(doc="segment name prefix; the pid is appended"))
+    name: str = field(
+        default="main", metadata=_bounds(doc="this sidecar instance: segment /dev/shm/mm-sidecar-<name>-<pid>")
+    )
     dir: str = field(default="/dev/shm", metadata=_bounds(doc="tmpfs directory holding the segment"))
 
     def __post_init__(self) -> None:

@@ -1,0 +1,191 @@
+"""End to end: the sidecar in offload mode in front of the real reference engine (2 ranks, gloo, tiny Qwen2-VL).
+
+The engine runs as `mm-sidecar engine --tp 2 --report-checksums` (one per module: starting two
+ranks costs seconds); each rank reports SHA-256 checksums of the tensors it copied out of shared
+memory, which must equal the checksums of the processor's own output for the same image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from preprocess.processors import decode, load_processor, run_processor
+from sidecar.app import create_app
+from sidecar.app_keys import PIPELINE, POOL, STATE
+
+from .conftest import make_config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from engine.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "engine",
+            "--model",
+            str(model),
+            "--tp",
+            "2",
+            "--port",
+            str(port),
+            "--report-checksums",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+                    json.load(resp)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"engine did not start (exit {proc.poll()})") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def expected_sums(data: bytes) -> dict[str, str]:
+    outputs = run_processor(load_processor("qwen2-vl"), decode(data))
+    return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for name, a in outputs.items()}
+
+
+async def sidecar(aiohttp_server: Any, engine: str) -> Any:
+    config = make_config(
+        engine,
+        upstream={"mode": "offload", "ack_timeout_s": 60},
+        preprocess={"processor": "qwen2-vl", "workers": 1},
+        gate={"max_concurrent": 2, "max_bytes": "192MiB"},
+        shm={"name": f"e2e-{os.getpid()}"},
+    )
+    server = await aiohttp_server(create_app(config))
+    async with asyncio.timeout(30):
+        while not server.app[STATE].engine_verified:
+            await asyncio.sleep(0.05)
+    return server
+
+
+def assert_idle(server: Any) -> None:
+    stats = server.app[POOL].stats()
+    assert (stats.leases, stats.reserved_bytes, stats.queued) == (0, 0, 0)
+    arena = server.app[PIPELINE].stats()[0]
+    assert arena.extents == 0 and arena.free_bytes == arena.capacity
+
+
+async def test_openai_sdk_through_offload_to_two_ranks(aiohttp_server: Any, engine_url: str) -> None:
+    server = await sidecar(aiohttp_server, engine_url)
+    base = str(server.make_url("/v1"))
+    images = [jpeg(320, 240, 1), jpeg(200, 500, 2), jpeg(64, 64, 3), jpeg(640, 360, 4)]
+    client = openai.AsyncOpenAI(base_url=base, api_key="k", max_retries=0, timeout=120)
+
+    async def image_request(data: bytes, stream: bool) -> tuple[str, list[Any]]:
+        url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+        messages: Any = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}],
+            }
+        ]
+        if stream:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="tiny", messages=messages, max_tokens=3, stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
+        else:
+            raw = await client.chat.completions.with_raw_response.create(model="tiny", messages=messages, max_tokens=3)
+            text = raw.parse().choices[0].message.content or ""
+        return text, json.loads(raw.headers["x-mm-tensor-sha256"])
+
+    async def text_request(stream: bool) -> str:
+        messages: Any = [{"role": "user", "content": "hello"}]
+        if stream:
+            chunks = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        done = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+        return done.choices[0].message.content or ""
+
+    async with client:
+        results = await asyncio.gather(
+            *(image_request(data, stream=i % 2 == 1) for i, data in enumerate(images)),
+            text_request(stream=False),
+            text_request(stream=True),
+        )
+    for (text, per_rank), data in zip(results[:4], images, strict=True):
+        assert isinstance(text, str)
+        want = expected_sums(data)
+        # Both ranks hold exactly what the processor produced for this image.
+        assert per_rank == [[want], [want]]
+    assert all(isinstance(r, str) for r in results[4:])
+    assert_idle(server)
+
+
+async def test_anthropic_and_responses_translated_with_images(aiohttp_server: Any, engine_url: str) -> None:
+    server = await sidecar(aiohttp_server, engine_url)
+    data = jpeg(256, 256, 5)
+    b64 = base64.b64encode(data).decode()
+    ac = anthropic.AsyncAnthropic(base_url=str(server.make_url("")), api_key="k", max_retries=0)
+    block: Any = {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": b64}}
+    async with ac:
+        msg = await ac.messages.create(model="tiny", max_tokens=3, messages=[{"role": "user", "content": [block]}])
+        assert msg.type == "message" and msg.stop_reason == "max_tokens" and msg.usage.output_tokens == 3
+        async with ac.messages.stream(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [block]}]) as s:
+            final = await s.get_final_message()
+        assert final.usage.output_tokens == 2
+    oc = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="k", max_retries=0)
+    content: Any = [{"type": "input_image", "image_url": "data:image/jpeg;base64," + b64}]
+    async with oc:
+        resp = await oc.responses.create(
+            model="tiny", input=[{"role": "user", "content": content}], max_output_tokens=2
+        )
+        assert resp.status == "incomplete" and resp.usage is not None and resp.usage.output_tokens == 2
+    assert_idle(server)
