@@ -1,10 +1,10 @@
 """The worst-case memory of the sidecar, from its config alone (printed by `check-config`).
 
-    ceiling = base + request bodies + remote fetches
+    ceiling = base + request bodies + remote fetches + arena + workers x (worker base + per-image peak)
 
-Every term is a bound the config enforces, except the base, a measured figure for this code and
-its dependencies. Offload mode (the arena and the preprocessing workers) adds
-`arena + workers x (worker base + per-image peak)` when it lands. `serve` refuses to
+Every term is a bound the config enforces, except the two bases (measured for this code and its
+dependencies) and the per-image peak (an estimate from the processor's geometry, named below). The
+arena and the workers exist in offload mode only. `serve` refuses to
 start when `server.memory_limit` is set below the ceiling, naming the terms, so a container limit
 that the sidecar could exceed under load is caught at deploy time instead of as an OOM kill.
 """
@@ -13,10 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from preprocess.processors import read_spec, resolve_processor
+
 from .config import Config, format_size
 
 # Measured: an idle sidecar process is ~55 MiB RSS (Python, aiohttp, numpy, PIL); rounded up.
 SIDECAR_BASE = 128 * 1024**2
+
+
+# Measured: a worker that imported transformers and loaded a processor is ~330 MiB RSS; rounded up.
+WORKER_BASE = 448 * 1024**2
+# The processors resize a uint8 image, then rescale and normalise it as float32: about four float32
+# copies of the resized image at most, on top of the decoded RGBA source and the encoded bytes.
+_FLOAT_COPIES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +48,17 @@ class Ceiling:
         return "\n".join([*lines, f"  {'total':<16} {format_size(self.total):>11}"])
 
 
+def per_image_peak(config: Config) -> int:
+    """A worker's peak for one image at the limits (an estimate, see _FLOAT_COPIES)."""
+    pixels = config.limits.max_image_pixels
+    resized = pixels
+    if config.preprocess.processor is not None:
+        spec = read_spec(resolve_processor(config.preprocess.processor))
+        if spec.max_pixels is not None:
+            resized = min(pixels, spec.max_pixels)
+    return config.limits.max_image_bytes * 7 // 3 + pixels * 4 + resized * 3 * 4 * _FLOAT_COPIES
+
+
 def memory_ceiling(config: Config) -> Ceiling:
     terms = [Term("base", SIDECAR_BASE, "the sidecar process at idle (measured, rounded up)")]
     terms.append(Term("request bodies", config.server.max_body_memory, "server.max_body_memory"))
@@ -47,6 +67,16 @@ def memory_ceiling(config: Config) -> Ceiling:
         # Fetched bytes, then their base64 text in the rewritten body (4/3).
         fetches = config.preprocess.max_concurrent_fetches * limits.max_image_bytes * 7 // 3
         terms.append(Term("remote fetches", fetches, "preprocess.max_concurrent_fetches x max_image_bytes x 7/3"))
+    if config.upstream.mode == "offload":
+        workers = config.preprocess.workers
+        terms.append(Term("arena", config.gate.max_bytes, "gate.max_bytes (the shared-memory segment)"))
+        terms.append(
+            Term(
+                "workers",
+                workers * (WORKER_BASE + per_image_peak(config)),
+                f"preprocess.workers={workers} x (worker base + one image at limits.max_image_pixels)",
+            )
+        )
     return Ceiling(tuple(terms))
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import yaml
 from aiohttp import web
 
@@ -88,40 +91,73 @@ def _cmd_echo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_with_echo(config: cfg.Config) -> None:
-    """The main job until the reference engine exists: the echo upstream and the sidecar in one loop."""
+def _default_model_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mm-sidecar" / "tiny-qwen2-vl"
+
+
+async def _wait_healthy(url: str, engine: asyncio.subprocess.Process, timeout_s: float) -> None:
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout_s):
+        while True:
+            if engine.returncode is not None:
+                raise SystemExit(f"mm-sidecar run: the engine exited with {engine.returncode} during start-up")
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                pass
+            await asyncio.sleep(0.5)
+
+
+async def _run_main_job(config: cfg.Config, model_dir: Path) -> int:
+    """The main job: the reference engine (2 ranks) and the sidecar in front of it, until Ctrl-C."""
     parts = urlsplit(config.upstream.url)
     if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
         raise SystemExit(f"mm-sidecar run: upstream.url must be http://127.0.0.1:PORT, got {config.upstream.url}")
-    engine = EchoEngine(prefill_s=0.05, token_s=0.01, tokens=8)
-    runner = web.AppRunner(engine.app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, parts.hostname, parts.port).start()
+    from engine.tiny import ensure_tiny_model  # noqa: PLC0415 - the CLI is the one place that knows both
+
+    model = await asyncio.to_thread(ensure_tiny_model, model_dir)
+    print(f"model: {model}", flush=True)
+    # The engine gets its own process group: Ctrl-C reaches the sidecar, which then stops the
+    # engine itself, after draining its own requests (the engine must outlive them).
+    engine = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar.cli", "engine", "--model", str(model), "--tp", "2",
+        "--host", parts.hostname, "--port", str(parts.port), start_new_session=True,
+    )  # fmt: skip
     try:
+        print("starting the reference engine (2 ranks)...", flush=True)
+        await _wait_healthy(config.upstream.url + config.upstream.health_path, engine, 300)
 
         def ready(address: str) -> None:
             print(
-                f"\nmm-sidecar is serving on {address} in front of the built-in echo upstream "
-                f"({config.upstream.url}).\n"
-                f"  try:    curl -s {address}/v1/chat/completions -H 'content-type: application/json' "
-                '-d \'{"model":"echo","messages":[{"role":"user","content":[{"type":"image_url",'
-                '"image_url":{"url":"data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4'
+                f"\nmm-sidecar is serving on {address} (offload mode) in front of the reference engine on "
+                f"{config.upstream.url}.\n"
+                f"  try:     curl -s {address}/v1/chat/completions -H 'content-type: application/json' "
+                '-d \'{"model":"tiny","max_tokens":8,"messages":[{"role":"user","content":'
+                '[{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4'
                 'nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"}},{"type":"text","text":"hi"}]}]}\'\n'
-                f"  metrics: {address}{config.metrics.path}\n  Ctrl-C stops.\n",
+                f"  metrics: {address}{config.metrics.path}\n"
+                "  Ctrl-C stops everything.\n",
                 flush=True,
             )
 
-        await serve(config, ready=ready)
+        return await serve(config, ready=ready)
     finally:
-        await runner.cleanup()
+        if engine.returncode is None:
+            engine.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(engine.wait(), 30)
+            except TimeoutError:
+                engine.kill()
+                await engine.wait()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _checked(_load(args.config))
     if args.port is not None:
         config = replace(config, server=replace(config.server, port=args.port))
-    asyncio.run(_run_with_echo(config))
-    return 0
+    return asyncio.run(_run_main_job(config, Path(args.model) if args.model else _default_model_dir()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     p.set_defaults(func=_cmd_check_config)
 
-    p = sub.add_parser("run", help="the main job: the sidecar in front of the built-in echo upstream")
+    p = sub.add_parser("run", help="the main job: the reference engine and the sidecar in offload mode")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--port", type=int, default=None, help="override server.port")
+    p.add_argument("--model", default=None, help="engine checkpoint (default: a tiny Qwen2-VL, built if missing)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("engine", help="the reference torch engine (tensor parallel ranks, offload protocol)")

@@ -13,7 +13,7 @@ can still write into them (`preprocess.pipeline.ExtentHold`).
 
 The reference engine speaks chat completions only, so in this mode Anthropic `/v1/messages` and
 OpenAI `/v1/responses` requests are translated to chat form and the answers translated back,
-streaming included (`translate.py`); text requests on those routes too.
+streaming included (`translate/`); text requests on those routes too.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from .errors import Cause, SidecarError
 from .families import Family, error_event
 from .gate import Lease
 from .metrics import Metrics
-from .sse import SSEEvent, SSEParser
+from .sse import SSEParser
+from .translate import StreamTranslator
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus those aiohttp computes itself on each side.
 _HOP_BY_HOP = frozenset(
@@ -97,12 +98,6 @@ class Forward:
     # every rank copied its tensors); "first_chunk": the passthrough rules in the module docstring.
     ack: Literal["first_chunk", "headers"] = "first_chunk"
     transform: ResponseTransform | None = None  # a chat answer translated back to the client's API
-
-
-class StreamTranslator(Protocol):
-    def feed(self, event: SSEEvent) -> list[bytes]: ...
-
-    def finish(self) -> list[bytes]: ...
 
 
 class ResponseTransform(Protocol):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sidecar.ceiling import SIDECAR_BASE, check_limit, memory_ceiling
+from sidecar.ceiling import SIDECAR_BASE, WORKER_BASE, check_limit, memory_ceiling, per_image_peak
 from sidecar.config import from_mapping
 
 
@@ -26,6 +26,20 @@ def test_terms_follow_the_config() -> None:
     assert fetches.nbytes == 4 * 3 * 1024**2 * 7 // 3
 
 
+def test_offload_adds_the_arena_and_the_workers() -> None:
+    c = from_mapping(
+        {
+            "upstream": {"mode": "offload"},
+            "preprocess": {"processor": "qwen2-vl", "workers": 3},
+            "gate": {"max_bytes": "2GiB"},
+        }
+    )
+    terms = {t.name: t.nbytes for t in memory_ceiling(c).terms}
+    assert terms["arena"] == 2 * 1024**3
+    assert terms["workers"] == 3 * (WORKER_BASE + per_image_peak(c))
+    assert per_image_peak(c) > 40_000_000 * 4  # the decoded source at limits.max_image_pixels
+
+
 def test_limit_below_the_ceiling_is_refused_naming_the_terms() -> None:
     assert check_limit(from_mapping({"server": {"memory_limit": "4GiB"}})) is None
     refusal = check_limit(from_mapping({"server": {"memory_limit": "512MiB", "max_body_memory": "1GiB"}}))
@@ -43,7 +57,9 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_config_prints_the_ceiling_and_serve_refuses(tmp_path: Path) -> None:
     good = run("check-config", "config/sidecar.yaml")
     assert good.returncode == 0
-    assert "# worst-case memory of the sidecar: 1.1 GiB" in good.stderr
+    assert "# worst-case memory of the sidecar: 4.0 GiB" in good.stderr
+    for term in ("base", "request bodies", "arena", "workers"):
+        assert f"#  {term} " in good.stderr
 
     bad = tmp_path / "small.yaml"
     bad.write_text("server:\n  memory_limit: 512MiB\n")

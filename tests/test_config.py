@@ -494,9 +494,15 @@ def test_shipped_config_loads_and_round_trips() -> None:
     assert from_mapping(yaml.safe_load(yaml.safe_dump(to_mapping(c)))) == c
 
 
-def test_shipped_config_states_the_defaults() -> None:
-    # The YAML says "every key and its default"; it must not drift from the dataclass defaults.
-    assert load(SHIPPED) == Config()
+def test_shipped_config_is_the_defaults_in_offload_mode() -> None:
+    # The shipped file runs the main job (offload in front of the reference engine); apart from
+    # what that needs, it must not drift from the documented defaults.
+    shipped = load(SHIPPED)
+    assert shipped.upstream.mode == "offload" and shipped.preprocess.processor == "qwen2-vl"
+    assert shipped.gate.max_bytes == 512 * 1024**2
+    defaults = Config()
+    assert shipped.server == defaults.server and shipped.limits == defaults.limits
+    assert shipped.shm == defaults.shm and shipped.metrics == defaults.metrics
 
 
 def test_round_trip_of_non_default_config() -> None:
