@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ import torch
 from aiohttp import web
 
 from preprocess.processors import decode, load_processor, run_processor
+from preprocess.procmem import tree_memory
 from preprocess.protocol import DescriptorError, TensorDescriptor, shm_token
 
 from .ranks import Broadcast, Copy, Drop, Generate, HandoffError, Rank, Stop
@@ -175,11 +177,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
+    # The launcher's tree: every rank (benchmarks and `mm-sidecar demo` read the engine's memory here).
+    memory = tree_memory(os.getppid())
     return web.json_response(
         {
             "status": "ok",
             "model": settings["model_name"],
             "shm": {"dir": settings["shm_dir"], "token": settings["token"]},
+            "memory": {"processes": memory.processes, "rss_bytes": memory.rss_bytes, "pss_bytes": memory.pss_bytes},
         }
     )
 

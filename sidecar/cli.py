@@ -77,6 +77,12 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     return run_engine(config)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo  # noqa: PLC0415 - PIL image generation only when asked for
+
+    return asyncio.run(run_demo(args.url, args.engine_url or None, args.requests, args.model))
+
+
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from engine.tiny import make_tiny_model  # noqa: PLC0415
 
@@ -138,6 +144,7 @@ async def _run_main_job(config: cfg.Config, model_dir: Path) -> int:
                 '[{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4'
                 'nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"}},{"type":"text","text":"hi"}]}]}\'\n'
                 f"  metrics: {address}{config.metrics.path}\n"
+                f"  demo:    .venv/bin/mm-sidecar demo --url {address}\n"
                 "  Ctrl-C stops everything.\n",
                 flush=True,
             )
@@ -193,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer x-mm-tensor-sha256 with each rank's checksums of the tensors it received (tests)",
     )
     p.set_defaults(func=_cmd_engine)
+
+    p = sub.add_parser("demo", help="send a mixed burst through a running sidecar and print what happened")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the sidecar")
+    p.add_argument("--engine-url", default="http://127.0.0.1:8001", dest="engine_url", help="'' to skip its memory")
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--model", default="tiny")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2-VL checkpoint (tests, demo)")
     p.add_argument("directory")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from preprocess.procmem import tree_memory
+
 from .gate import PoolStats
 
 # Sub-millisecond proxy work up to multi-minute queues and generations.
@@ -83,6 +85,15 @@ class Metrics:
         self.arena_free_bytes = Gauge(
             "mm_sidecar_arena_largest_free_bytes", "Largest free run in the arena (offload mode)", registry=registry
         )
+        # The sidecar and its workers; PSS splits the shared arena pages fairly (RSS counts them in each).
+        self.tree_rss = Gauge(
+            "mm_sidecar_process_tree_rss_bytes", "RSS of the sidecar and its worker processes", registry=registry
+        )
+        self.tree_pss = Gauge(
+            "mm_sidecar_process_tree_pss_bytes", "PSS of the sidecar and its worker processes", registry=registry
+        )
+        self.tree_rss.set_function(lambda: tree_memory().rss_bytes)
+        self.tree_pss.set_function(lambda: tree_memory().pss_bytes)
         self.media_parts = Counter(
             "mm_sidecar_media_parts", "Media parts seen in admitted requests", ["media"], registry=registry
         )
