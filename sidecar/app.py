@@ -33,7 +33,7 @@ from .gate import SlotPool
 from .metrics import Metrics
 from .offload import verify_shared_memory
 from .remote import RemoteImages
-from .routes import ApiHandler, healthz, passthrough, readyz, request_id_of
+from .routes import ApiHandler, debug_state, healthz, passthrough, readyz, request_id_of
 from .upstream import Upstream
 
 log = logging.getLogger("mm_sidecar")
@@ -45,7 +45,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count API requests in flight, and refuse new ones with 503 once shutdown has begun."""
     config = request.app[CONFIG]
-    if request.path in ("/healthz", "/readyz", config.metrics.path):
+    if request.path in ("/healthz", "/readyz", "/debug/state", config.metrics.path):
         return await handler(request)
     state = request.app[STATE]
     if state.draining:
@@ -199,6 +199,8 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get(config.metrics.path, make_aiohttp_handler(registry))
+    if config.server.debug_endpoints:
+        app.router.add_get("/debug/state", debug_state)
     for route in ROUTES:
         app.router.add_post(route.path, ApiHandler(route).handle)
     app.router.add_get("/v1/models", passthrough)

@@ -8,6 +8,7 @@ not fit is refused at once with 503 rather than queued (its bytes are already on
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -34,8 +35,13 @@ class BodyBudget:
         self.held -= nbytes
 
 
-async def read_body(request: web.Request, budget: BodyBudget, max_body_bytes: int) -> tuple[bytes, int]:
-    """The whole body, size-capped and charged to `budget`; returns (body, bytes charged).
+async def read_body(
+    request: web.Request, budget: BodyBudget, max_body_bytes: int, timeout_s: float
+) -> tuple[bytes, int]:
+    """The whole body, size-capped, time-capped and charged to `budget`; returns (body, bytes charged).
+
+    The time cap is for slow clients (slow loris): a body that trickles in holds memory and a
+    connection, so it gets `timeout_s` in all, not per chunk.
 
     The caller gives the charge back when the request ends (`budget.give`), whatever ends it.
     On an error here, what was charged so far is given back before raising.
@@ -48,14 +54,20 @@ async def read_body(request: web.Request, budget: BodyBudget, max_body_bytes: in
     chunks: list[bytes] = []
     charged = 0
     try:
-        async for chunk in request.content.iter_chunked(1 << 16):
-            if charged + len(chunk) > max_body_bytes:
-                raise SidecarError(
-                    Cause.BODY_TOO_LARGE, f"request body is more than server.max_body_bytes={max_body_bytes} bytes"
-                )
-            budget.take(len(chunk))
-            charged += len(chunk)
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_chunked(1 << 16):
+                if charged + len(chunk) > max_body_bytes:
+                    raise SidecarError(
+                        Cause.BODY_TOO_LARGE, f"request body is more than server.max_body_bytes={max_body_bytes} bytes"
+                    )
+                budget.take(len(chunk))
+                charged += len(chunk)
+                chunks.append(chunk)
+    except TimeoutError:
+        budget.give(charged)
+        raise SidecarError(
+            Cause.BODY_TIMEOUT, f"request body not received within server.body_timeout_s={timeout_s:g}"
+        ) from None
     except BaseException:
         budget.give(charged)
         raise

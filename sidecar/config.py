@@ -98,6 +98,12 @@ class ServerConfig:
     memory_limit: Size | None = field(
         default=None, metadata=_bounds(ge=1, doc="container memory limit; start-up fails if the ceiling exceeds it")
     )
+    body_timeout_s: float = field(
+        default=30.0, metadata=_bounds(ge=0.01, doc="longest time to receive a request body (slow clients: 408)")
+    )
+    debug_endpoints: bool = field(
+        default=False, metadata=_bounds(doc="serve GET /debug/state (leases, queue, arena, workers) for tests")
+    )
 
 
 @dataclass(frozen=True, slots=True)

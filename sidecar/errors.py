@@ -28,6 +28,7 @@ class Cause(enum.Enum):
     REMOTE_URL_FORBIDDEN = _CauseInfo(
         "remote_url_forbidden", 400, "invalid_request_error", "invalid_request_error", False
     )
+    BODY_TIMEOUT = _CauseInfo("body_timeout", 408, "invalid_request_error", "invalid_request_error", False)
     BODY_TOO_LARGE = _CauseInfo("body_too_large", 413, "invalid_request_error", "request_too_large", False)
     OVER_BUDGET = _CauseInfo("over_budget", 413, "invalid_request_error", "request_too_large", False)
     QUEUE_FULL = _CauseInfo("queue_full", 429, "rate_limit_error", "rate_limit_error", True)

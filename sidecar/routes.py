@@ -90,7 +90,9 @@ class ApiHandler:
     async def _handle(self, request: web.Request, request_id: str, charged: list[int]) -> web.StreamResponse:
         app = request.app
         config = app[CONFIG]
-        body, charged[0] = await read_body(request, app[BODIES], config.server.max_body_bytes)
+        body, charged[0] = await read_body(
+            request, app[BODIES], config.server.max_body_bytes, config.server.body_timeout_s
+        )
         data = parse_json(body)
         spec = app.get(SPEC)
         found = classify(self.route.kind, data, config.limits, config.gate, spec)
@@ -175,7 +177,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     request_id = request_id_of(request)
     family: Family = family_of_path(request.path)
     try:
-        body, charged = await read_body(request, request.app[BODIES], request.app[CONFIG].server.max_body_bytes)
+        server = request.app[CONFIG].server
+        body, charged = await read_body(request, request.app[BODIES], server.max_body_bytes, server.body_timeout_s)
     except SidecarError as error:
         return error_response(family, error, request_id=request_id)
     try:
@@ -200,3 +203,33 @@ async def readyz(request: web.Request) -> web.Response:
     if not await request.app[UPSTREAM].healthy():
         return web.json_response({"status": "upstream unreachable"}, status=503)
     return web.json_response({"status": "ready"})
+
+
+async def debug_state(request: web.Request) -> web.Response:
+    """Everything a test needs to check that nothing leaked (server.debug_endpoints only)."""
+    app = request.app
+    pool = app[POOL].stats()
+    state: dict[str, Any] = {
+        "leases": pool.leases,
+        "reserved_bytes": pool.reserved_bytes,
+        "queued": pool.queued,
+        "inflight": app[STATE].inflight,
+        "body_bytes": app[BODIES].held,
+    }
+    if PIPELINE in app:
+        pipeline = app[PIPELINE]
+        arena, workers = pipeline.stats()
+        state["arena"] = {
+            "name": pipeline.arena.name if pipeline.arena else None,
+            "extents": arena.extents,
+            "free_bytes": arena.free_bytes,
+            "capacity": arena.capacity,
+        }
+        state["workers"] = {
+            "alive": workers.workers,
+            "busy": workers.busy,
+            "queued": workers.queued,
+            "restarts": workers.restarts,
+            "pids": pipeline.pool.pids() if pipeline.pool else [],
+        }
+    return web.json_response(state)

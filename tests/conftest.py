@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -56,7 +58,7 @@ def messages_body(*, image: bool = True, stream: bool = False) -> dict[str, Any]
 
 def make_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
     raw: dict[str, Any] = {
-        "server": {"port": 0, "shutdown_timeout_s": 5},
+        "server": {"port": 0, "shutdown_timeout_s": 5, "debug_endpoints": True},
         "upstream": {"url": upstream_url, "connect_timeout_s": 2, "ack_timeout_s": 10},
         "gate": {"max_concurrent": 2, "max_queue": 64, "queue_timeout_s": 10, "retry_after_s": 1},
     }
@@ -98,14 +100,45 @@ async def stack(aiohttp_client: Any, aiohttp_server: Any) -> AsyncIterator[Stack
         return built[-1]
 
     yield build
-    # The no-leak invariant, after every test that built a stack: whatever the test did, once its
-    # requests are over no lease, reserved byte or queued waiter may remain.
     for s in built:
-        for _ in range(100):
-            if s.pool_is_idle():
+        await assert_invariant(s.client)
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+async def assert_invariant(
+    target: TestClient[web.Request, web.Application] | TestServer, settle_s: float = 5.0
+) -> None:
+    """The no-leak invariant, checked after every test that built a sidecar: once its requests are
+    over, no lease, reserved byte, queued waiter, in-flight request or held body remains; in offload
+    mode the arena is fully free, every worker is alive (not a zombie) and the only segment of this
+    sidecar's instance in /dev/shm is its own."""
+    state: dict[str, Any] = {}
+    async with asyncio.timeout(settle_s + 5), aiohttp.ClientSession() as http:
+        for _ in range(int(settle_s / 0.02)):
+            async with http.get(target.make_url("/debug/state")) as resp:
+                assert resp.status == 200
+                state = await resp.json()
+            busy = state["leases"] or state["queued"] or state["inflight"] or state["body_bytes"]
+            if not busy and not state.get("arena", {}).get("extents"):
                 break
-            await asyncio.sleep(0.01)
-        assert s.pool_is_idle(), f"leaked: {s.app[POOL].stats()}"
+            await asyncio.sleep(0.02)
+    assert (state["leases"], state["reserved_bytes"], state["queued"]) == (0, 0, 0), state
+    assert (state["inflight"], state["body_bytes"]) == (0, 0), state
+    if "arena" in state:
+        arena, workers = state["arena"], state["workers"]
+        assert arena["extents"] == 0 and arena["free_bytes"] == arena["capacity"], arena
+        assert workers["alive"] == len(workers["pids"]) and workers["pids"], workers
+        assert not any(_zombie_or_gone(pid) for pid in workers["pids"]), workers
+        instance = arena["name"].rsplit("-", 1)[0] + "-"
+        mine = [n for n in os.listdir("/dev/shm") if n.startswith(instance)]
+        assert mine == [arena["name"]], mine
 
 
 class FakeResolver(AbstractResolver):

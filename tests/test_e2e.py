@@ -32,7 +32,7 @@ from preprocess.processors import decode, load_processor, run_processor
 from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, STATE
 
-from .conftest import make_config
+from .conftest import assert_invariant, make_config
 
 
 def free_port() -> int:
@@ -115,11 +115,12 @@ async def sidecar(aiohttp_server: Any, engine: str) -> Any:
     return server
 
 
-def assert_idle(server: Any) -> None:
+async def assert_idle(server: Any) -> None:
     stats = server.app[POOL].stats()
     assert (stats.leases, stats.reserved_bytes, stats.queued) == (0, 0, 0)
     arena = server.app[PIPELINE].stats()[0]
     assert arena.extents == 0 and arena.free_bytes == arena.capacity
+    await assert_invariant(server)
 
 
 async def test_openai_sdk_through_offload_to_two_ranks(aiohttp_server: Any, engine_url: str) -> None:
@@ -166,7 +167,7 @@ async def test_openai_sdk_through_offload_to_two_ranks(aiohttp_server: Any, engi
         # Both ranks hold exactly what the processor produced for this image.
         assert per_rank == [[want], [want]]
     assert all(isinstance(r, str) for r in results[4:])
-    assert_idle(server)
+    await assert_idle(server)
 
 
 async def test_anthropic_and_responses_translated_with_images(aiohttp_server: Any, engine_url: str) -> None:
@@ -188,4 +189,4 @@ async def test_anthropic_and_responses_translated_with_images(aiohttp_server: An
             model="tiny", input=[{"role": "user", "content": content}], max_output_tokens=2
         )
         assert resp.status == "incomplete" and resp.usage is not None and resp.usage.output_tokens == 2
-    assert_idle(server)
+    await assert_idle(server)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from preprocess.protocol import ArenaReader, DescriptorError, TensorDescriptor, 
 from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, STATE
 
-from .conftest import image_bytes, make_config
+from .conftest import assert_invariant, image_bytes, make_config
 
 Behaviour = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse | None]]
 
@@ -33,6 +33,7 @@ class FakeEngine:
         self.received: list[dict[str, np.ndarray]] = []
         self.bodies: list[dict[str, Any]] = []
         self.behaviour: Behaviour | None = None
+        self.server: Any = None  # the TestServer serving it, once started
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 28)
@@ -82,10 +83,15 @@ def chat_with_images(*sizes: tuple[int, int]) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def offload(aiohttp_server: Any, aiohttp_client: Any) -> Callable[..., Awaitable[tuple[Any, FakeEngine]]]:
+async def offload(
+    aiohttp_server: Any, aiohttp_client: Any
+) -> AsyncIterator[Callable[..., Awaitable[tuple[Any, FakeEngine]]]]:
+    built: list[Any] = []
+
     async def build(engine: FakeEngine | None = None, **sections: dict[str, Any]) -> tuple[Any, FakeEngine]:
         engine = engine or FakeEngine()
         upstream = await aiohttp_server(engine.app())
+        engine.server = upstream
         raw: dict[str, Any] = {
             "upstream": {"mode": "offload", "ack_timeout_s": 5},
             "preprocess": {"processor": "qwen2-vl", "workers": 1},
@@ -98,9 +104,12 @@ async def offload(aiohttp_server: Any, aiohttp_client: Any) -> Callable[..., Awa
         async with asyncio.timeout(10):
             while not client.app[STATE].engine_verified and not client.app[STATE].stop.is_set():
                 await asyncio.sleep(0.02)
+        built.append(client)
         return client, engine
 
-    return build
+    yield build
+    for client in built:
+        await assert_invariant(client, settle_s=30)
 
 
 def assert_all_free(client: Any) -> None:
@@ -213,3 +222,21 @@ async def test_an_engine_on_another_shm_is_refused(offload: Any) -> None:
     assert not client.app[STATE].engine_verified
     resp = await client.post("/v1/chat/completions", json=chat_with_images((8, 8)))
     assert resp.status == 502 and "not been verified" in (await resp.json())["error"]["message"]
+
+
+async def test_engine_crash_and_restart_the_sidecar_recovers_by_itself(offload: Any, aiohttp_server: Any) -> None:
+    client, engine = await offload()
+    assert engine.server is not None and engine.server.port is not None
+    port = engine.server.port
+    resp = await client.post("/v1/chat/completions", json=chat_with_images((32, 32)))
+    assert resp.status == 200
+    # The engine dies: requests fail cleanly, nothing is held.
+    await engine.server.close()
+    resp = await client.post("/v1/chat/completions", json=chat_with_images((32, 32)))
+    assert resp.status == 502
+    assert_all_free(client)
+    # It comes back on the same address: the very next request succeeds, no sidecar restart.
+    await aiohttp_server(FakeEngine().app(), port=port)
+    resp = await client.post("/v1/chat/completions", json=chat_with_images((32, 32)))
+    assert resp.status == 200, await resp.text()
+    assert_all_free(client)

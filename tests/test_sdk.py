@@ -17,7 +17,7 @@ from sidecar.app import create_app
 from sidecar.app_keys import METRICS, POOL
 from sidecar.echo import EchoEngine
 
-from .conftest import data_url, image_bytes, make_config
+from .conftest import assert_invariant, data_url, image_bytes, make_config
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -41,9 +41,10 @@ def image_content() -> list[dict[str, Any]]:
     return [{"type": "image_url", "image_url": {"url": data_url()}}, {"type": "text", "text": "what is this?"}]
 
 
-def assert_idle(server: TestServer) -> None:
+async def assert_idle(server: TestServer) -> None:
     stats = server.app[POOL].stats()
     assert (stats.leases, stats.reserved_bytes, stats.queued) == (0, 0, 0)
+    await assert_invariant(server)
 
 
 async def test_openai_chat_with_image_stream_and_not(sidecar: Any) -> None:
@@ -63,7 +64,7 @@ async def test_openai_chat_with_image_stream_and_not(sidecar: Any) -> None:
         pieces = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
         assert "".join(pieces) == "tok0 tok1 tok2 "
     assert [b["stream"] for b in engine.stats.bodies] == [True, True]  # the first one was upgraded
-    assert_idle(server)
+    await assert_idle(server)
 
 
 async def test_openai_responses_with_image_stream_and_not(sidecar: Any) -> None:
@@ -81,7 +82,7 @@ async def test_openai_responses_with_image_stream_and_not(sidecar: Any) -> None:
         )
         deltas = [e.delta async for e in events if e.type == "response.output_text.delta"]
         assert "".join(deltas) == "tok0 tok1 tok2 "
-    assert_idle(server)
+    await assert_idle(server)
 
 
 async def test_anthropic_messages_with_image_stream_and_not(sidecar: Any) -> None:
@@ -102,7 +103,7 @@ async def test_anthropic_messages_with_image_stream_and_not(sidecar: Any) -> Non
             final = await stream.get_final_message()
         assert text == "tok0 tok1 tok2 " and final.stop_reason == "max_tokens"
     assert [b["stream"] for b in engine.stats.bodies] == [True, True]
-    assert_idle(server)
+    await assert_idle(server)
 
 
 class _HoldFirst:
@@ -153,7 +154,7 @@ async def test_openai_sdk_retries_a_429_after_retry_after(sidecar: Any) -> None:
         await first
     assert _rejections(server, "queue_full") == raw.retries_taken
     assert engine.stats.requests == 2
-    assert_idle(server)
+    await assert_idle(server)
 
 
 async def test_anthropic_sdk_sees_529_and_retries(sidecar: Any) -> None:
@@ -184,7 +185,7 @@ async def test_anthropic_sdk_sees_529_and_retries(sidecar: Any) -> None:
         assert raw.retries_taken >= 1
         assert (await raw.parse()).content[0].text == "tok0 tok1 "  # type: ignore[union-attr]
         await first
-    assert_idle(server)
+    await assert_idle(server)
 
 
 async def test_openai_sdk_gets_a_clear_400_for_a_bad_image(sidecar: Any) -> None:

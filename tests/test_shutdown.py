@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -35,12 +36,16 @@ class Sidecar:
 
 
 @contextlib.asynccontextmanager
-async def run_sidecar(tmp_path: Path, upstream_url: str, **server: Any) -> AsyncIterator[Sidecar]:
-    config = {
+async def run_sidecar(
+    tmp_path: Path, upstream_url: str, extra: dict[str, Any] | None = None, **server: Any
+) -> AsyncIterator[Sidecar]:
+    config: dict[str, Any] = {
         "server": {"port": free_port(), **server},
         "upstream": {"url": upstream_url},
         "gate": {"max_concurrent": 1},
     }
+    for section, values in (extra or {}).items():
+        config.setdefault(section, {}).update(values)
     path = tmp_path / "sidecar.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = await asyncio.create_subprocess_exec(
@@ -121,3 +126,45 @@ async def test_sigterm_gives_up_on_requests_past_the_deadline(tmp_path: Path, he
             resp = await inflight
             assert resp.status >= 500  # never a success that did not happen
     assert any("drain deadline passed" in line for line in sc.log)
+
+
+async def test_kill_9_then_restart_cleans_the_stale_segment(tmp_path: Path, aiohttp_server: Any) -> None:
+    from .test_offload import FakeEngine, chat_with_images
+
+    engine = await aiohttp_server(FakeEngine().app())
+    instance = f"kill9-{os.getpid()}"
+    extra = {
+        "upstream": {"mode": "offload"},
+        "preprocess": {"processor": "llava-1.5", "workers": 1},
+        "gate": {"max_bytes": "16MiB"},
+        "shm": {"name": instance},
+    }
+    url = str(engine.make_url("")).rstrip("/")
+    async with run_sidecar(tmp_path, url, extra) as first, aiohttp.ClientSession() as http:
+        await _ready(http, first.url)
+        resp = await http.post(first.url + "/v1/chat/completions", json=chat_with_images((40, 30)))
+        assert resp.status == 200
+        first.proc.kill()  # no chance to clean up
+        await first.proc.wait()
+    stale = Path("/dev/shm", f"mm-sidecar-{instance}-{first.proc.pid}")
+    assert stale.exists()
+
+    async with run_sidecar(tmp_path, url, extra) as second, aiohttp.ClientSession() as http:
+        await _ready(http, second.url)
+        assert not stale.exists()
+        assert any("removed stale shared-memory segment" in line for line in second.log)
+        resp = await http.post(second.url + "/v1/chat/completions", json=chat_with_images((40, 30)))
+        assert resp.status == 200
+        second.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(second.proc.wait(), 30) == 0
+    assert not Path("/dev/shm", f"mm-sidecar-{instance}-{second.proc.pid}").exists()
+
+
+async def _ready(http: aiohttp.ClientSession, url: str) -> None:
+    async with asyncio.timeout(60):
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)
