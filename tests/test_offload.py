@@ -240,3 +240,24 @@ async def test_engine_crash_and_restart_the_sidecar_recovers_by_itself(offload: 
     resp = await client.post("/v1/chat/completions", json=chat_with_images((32, 32)))
     assert resp.status == 200, await resp.text()
     assert_all_free(client)
+
+
+async def test_client_disconnect_between_handoff_and_ack_frees_once(offload: Any) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def park(request: web.Request, body: dict[str, Any]) -> None:
+        arrived.set()  # the descriptors are here; the engine has not answered headers yet
+        await release.wait()
+
+    client, engine = await offload()
+    engine.behaviour = park
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=chat_with_images((64, 48))))
+    await asyncio.wait_for(arrived.wait(), 30)
+    assert client.app[PIPELINE].stats()[0].extents == 1
+    task.cancel()
+    await wait_all_free(client)
+    # An engine that reads the descriptors now finds them stale, never another request's data.
+    release.set()
+    desc = TensorDescriptor.from_json(engine.bodies[0]["messages"][0]["content"][1]["tensors"]["pixel_values"])
+    with pytest.raises(DescriptorError):
+        engine.reader.validate(desc)

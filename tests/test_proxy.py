@@ -383,3 +383,14 @@ async def test_real_client_session_against_mid_stream_upstream_failure(stack: St
     assert data.startswith(b'data: {"choices": []}\n\n')
     assert b'"code":"upstream_bad_response"' in data
     assert s.pool_is_idle()
+
+
+async def test_client_disconnect_while_streaming_closes_upstream_and_leaks_nothing(stack: StackFactory) -> None:
+    engine = EchoEngine(token_s=0.05, tokens=100)
+    s = await stack(engine)
+    resp = await s.client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert resp.status == 200
+    await resp.content.readany()  # streaming has begun (the slot is already free)
+    assert s.app[POOL].stats().leases == 0
+    resp.close()  # the client goes away mid-stream
+    await wait_for(lambda: s.app[STATE].inflight == 0)
