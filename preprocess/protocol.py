@@ -458,9 +458,32 @@ class ArenaReader:
             del self._segments[name]
             if not cached.close():
                 self._retired.append(cached)
+        self.prune()
         seg = self._attach(name, path)
         self._segments[name] = seg
         return seg
+
+    def prune(self) -> list[str]:
+        """Drop the mappings of segments whose file is gone (a sidecar that stopped or restarted).
+
+        A deleted file that is still mapped keeps its tmpfs pages: without this an engine that
+        outlives a sidecar restart would hold the old arena forever, and the new sidecar's
+        `posix_fallocate` could fail for want of room. Called whenever a new segment is attached.
+        """
+        dropped = []
+        for name, seg in list(self._segments.items()):
+            try:
+                st = os.stat(os.path.join(self._directory, name), follow_symlinks=False)
+                alive = (st.st_dev, st.st_ino) == seg.ident
+            except OSError:
+                alive = False
+            if not alive:
+                del self._segments[name]
+                if not seg.close():
+                    self._retired.append(seg)
+                dropped.append(name)
+        self._retired = [seg for seg in self._retired if not seg.close()]
+        return dropped
 
     def _attach(self, name: str, path: str) -> _Segment:
         try:

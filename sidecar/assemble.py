@@ -17,6 +17,7 @@ before the API's end-of-stream marker.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -347,6 +348,21 @@ _CHAT_TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
 _CHAT_KNOWN_DELTA = frozenset((*_CHAT_TEXT_FIELDS, "role", "tool_calls", "function_call"))
 
 
+class _HasId(Protocol):
+    id: str | None
+
+
+def unindexed_call_slot(calls: Mapping[int, _HasId], new_id: str | None) -> int:
+    """Where a tool-call fragment without an `index` goes: engines that omit the index start a new
+    call by sending a new id; otherwise the fragment continues the latest call."""
+    last = max(calls, default=None)
+    if last is None:
+        return 0
+    if new_id and calls[last].id not in (None, new_id):
+        return last + 1
+    return last
+
+
 @dataclass(slots=True)
 class _ChatChoice:
     role: str | None = None
@@ -405,16 +421,7 @@ class _ChatAssembler(_OpenAIChunks):
         if raw_index is not None:
             index = _index(raw_index, "tool call index")
         else:
-            # Engines that omit the index start a new call by sending a new id; otherwise the fragment
-            # continues the latest call.
-            new_id = _opt_str(fragment.get("id"), "tool call id")
-            last = max(acc.tool_calls, default=None)
-            if last is None:
-                index = 0
-            elif new_id and acc.tool_calls[last].id not in (None, new_id):
-                index = last + 1
-            else:
-                index = last
+            index = unindexed_call_slot(acc.tool_calls, _opt_str(fragment.get("id"), "tool call id"))
         call = acc.tool_calls.setdefault(index, _Call())
         call.merge(fragment, _opt_obj(fragment.get("function"), "tool call function"), "tool call")
 

@@ -678,3 +678,31 @@ def test_full_tmpfs_gives_enospc_at_creation_not_sigbus_later(
         assert a.reserve(a.capacity) is not None
     with pytest.raises(ArenaError, match="does not fit"):
         Arena.create("mm-sidecar-full-1", 2 * MiB, directory=str(tiny_tmpfs))
+
+
+def test_reader_drops_mappings_of_segments_that_are_gone(tmp_path: Path) -> None:
+    """An engine outliving a sidecar restart must not keep the old arena's tmpfs pages mapped."""
+    first = Arena.create("mm-sidecar-prune-1", 4 * 4096 * 16, directory=str(tmp_path))
+    extent = first.reserve(100)
+    assert extent is not None
+    desc = first.write(extent, 0, np.arange(4, dtype=np.float32))
+    first.publish(extent)
+    reader = ArenaReader(str(tmp_path))
+    try:
+        assert reader.copy_out(desc).tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert reader.segments == ("mm-sidecar-prune-1",)
+        first.free(extent)
+        first.close()  # the old sidecar is gone: its file is unlinked
+        second = Arena.create("mm-sidecar-prune-2", 4 * 4096 * 16, directory=str(tmp_path))
+        try:
+            extent = second.reserve(100)
+            assert extent is not None
+            desc = second.write(extent, 0, np.ones(2, dtype=np.float32))
+            second.publish(extent)
+            reader.copy_out(desc)  # attaching the new segment prunes the old mapping
+            assert reader.segments == ("mm-sidecar-prune-2",)
+            second.free(extent)
+        finally:
+            second.close()
+    finally:
+        reader.close()

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from sidecar.assemble import unindexed_call_slot
 from sidecar.sse import SSEEvent
 
 from .common import (
@@ -167,15 +168,8 @@ class _ChatStream:
     def _fragment(self, fragment: JSON) -> list[bytes]:
         index = fragment.get("index")
         if not isinstance(index, int) or isinstance(index, bool):
-            # Engines that omit the index start a new call with a new id; else the fragment continues.
-            last = max(self._calls, default=None)
             new_id = fragment.get("id")
-            if last is None:
-                index = 0
-            elif new_id and self._calls[last].id not in (None, new_id):
-                index = last + 1
-            else:
-                index = last
+            index = unindexed_call_slot(self._calls, new_id if isinstance(new_id, str) else None)
         call = self._calls.setdefault(index, _Call())
         function = _dict(fragment.get("function"))
         # id and name arrive whole in the first fragment; some engines repeat them, so first one wins.
