@@ -9,6 +9,7 @@ SIGTERM -> `/readyz` 503 and new API requests 503 at once -> in-flight requests 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -158,6 +159,24 @@ async def _verify_engine(app: web.Application) -> None:
         return
 
 
+async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Sample how late the loop wakes a 100 ms timer: anything that blocks it shows up here."""
+    histogram = app[METRICS].loop_lag
+
+    async def sample() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + 0.1
+            await asyncio.sleep(0.1)
+            histogram.observe(max(0.0, loop.time() - expected))
+
+    task = asyncio.create_task(sample())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Queued requests get a clean 503; leases still held are released by their handlers' finally.
@@ -191,6 +210,7 @@ def create_app(
         app[SPEC] = read_spec(resolve_processor(config.preprocess.processor))
     if resolver is not None:
         app[RESOLVER] = resolver
+    app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_remote_ctx)
     app.cleanup_ctx.append(_pool_ctx)

@@ -94,6 +94,12 @@ class Metrics:
         )
         self.tree_rss.set_function(lambda: tree_memory().rss_bytes)
         self.tree_pss.set_function(lambda: tree_memory().pss_bytes)
+        self.loop_lag = Histogram(
+            "mm_sidecar_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 100 ms): time text requests wait on it",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
         self.media_parts = Counter(
             "mm_sidecar_media_parts", "Media parts seen in admitted requests", ["media"], registry=registry
         )

@@ -394,3 +394,11 @@ async def test_client_disconnect_while_streaming_closes_upstream_and_leaks_nothi
     assert s.app[POOL].stats().leases == 0
     resp.close()  # the client goes away mid-stream
     await wait_for(lambda: s.app[STATE].inflight == 0)
+
+
+async def test_event_loop_lag_is_sampled(stack: StackFactory) -> None:
+    s = await stack()
+    await asyncio.sleep(0.35)
+    text = await (await s.client.get("/metrics")).text()
+    count = next(line for line in text.splitlines() if line.startswith("mm_sidecar_event_loop_lag_seconds_count"))
+    assert float(count.split()[1]) >= 2
