@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import anthropic
 import numpy as np
 import openai
@@ -190,3 +192,31 @@ async def test_anthropic_and_responses_translated_with_images(aiohttp_server: An
         )
         assert resp.status == "incomplete" and resp.usage is not None and resp.usage.output_tokens == 2
     await assert_idle(server)
+
+
+async def test_engine_rejects_bad_and_stale_descriptors_before_reading(engine_url: str) -> None:
+    from preprocess.arena import Arena, segment_name
+
+    arena = Arena.create(segment_name(f"e2e-stale-{os.getpid()}"), 4 * 1024**2)
+    try:
+        extent = arena.reserve(32768)
+        assert extent is not None
+        grid = arena.write(extent, 0, np.array([[1, 2, 2]], dtype=np.int64))
+        pixels = arena.write(extent, 64, np.zeros((4, 1176), dtype=np.float32))
+        arena.publish(extent)
+        stale = dataclasses.replace(grid, generation=grid.generation + 1)
+        outside = dataclasses.replace(grid, offset=arena.size + 4096)
+        async with aiohttp.ClientSession() as http:
+            for desc, fragment in ((stale, "the extent was freed or reused"), (outside, "is outside the data area")):
+                part = {
+                    "type": "image_tensors",
+                    "tensors": {"pixel_values": pixels.to_json(), "image_grid_thw": desc.to_json()},
+                }
+                body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [part]}]}
+                async with http.post(engine_url + "/v1/chat/completions", json=body) as resp:
+                    text = await resp.text()
+                    assert resp.status == 400, text
+                    assert fragment in text, text
+        arena.free(extent)
+    finally:
+        arena.close()
