@@ -18,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/mm-sidecar run --config config/sidecar.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar preprocess engine tests
-	$(BIN)/ruff format --check sidecar preprocess engine tests
+	$(BIN)/ruff check sidecar preprocess engine tests bench
+	$(BIN)/ruff format --check sidecar preprocess engine tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -31,3 +31,14 @@ test: lint typecheck unit
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# Benchmarks at a small scale (about 10 minutes on 2 cores): each prints a markdown table, saves
+# bench/<name>.png and appends to bench/RESULTS.md. Full scale: the modules' defaults (bench/README.md).
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench.gate_table --requests 32 --size 1280x720
+	$(BIN)/python -m bench.handoff
+	$(BIN)/python -m bench.proxy_overhead --requests 1000
+	$(BIN)/python -m bench.text_isolation --images 16 --size 1280x720
+	$(BIN)/python -m bench.preprocess_throughput --images-1080p 16 --images-12mp 4

@@ -1,0 +1,399 @@
+"""The headline: LMDeploy PR 4687's table, answered with the reference engine (2 TP ranks) on this machine.
+
+N image requests (one JPEG each, `max_tokens=1`, non-streaming) are sent all at once to
+
+- the engine alone: inline images; rank 0 decodes and preprocesses them itself in its API process and
+  broadcasts the tensors to rank 1 (what vLLM and LMDeploy do), no gate;
+- the sidecar in passthrough mode (gate = 1, 2, 4, 8): images still inline, at most `gate` requests
+  inside the engine until its first body chunk;
+- the sidecar in offload mode (gate = 1, 2, 4, 8): the sidecar's workers preprocess into the arena,
+  the engine copies the tensors out of shared memory; a slot is held until the engine's ack.
+
+Each row gets a fresh engine (and sidecar), so every row starts from the same memory. While the burst
+runs, RSS and PSS of every process of the engine's tree plus the sidecar's tree (workers included) are
+summed every `--interval-ms`; the peak of the sum is the row's figure. RSS counts pages shared between
+processes (the arena, libraries) in each of them, as the PR's "summed process-tree RSS" did; PSS counts
+them once.
+
+    .venv/bin/python -m bench.gate_table          # the full table: 96 x 1080p, ~11 GiB peak, ~25 min on 2 cores
+    .venv/bin/python -m bench.gate_table --requests 32 --size 1280x720 --rows engine,offload:1
+
+At 96 x 1080p the engine alone holds every request's pixel_values (48 MiB each) on both ranks at its
+peak, ~10 GiB above its idle memory, while the sidecar's own processes add a fixed ~0.5 GiB: the
+burst must be large against that fixed cost for the ratio to mean what it means at production scale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import common as c
+
+ALL_ROWS = "engine,passthrough:1,passthrough:2,passthrough:4,passthrough:8,offload:1,offload:2,offload:4,offload:8"
+TARGET_PSS_SHARE = 0.25
+TARGET_THROUGHPUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    mode: str  # engine | passthrough | offload
+    gate: int | None
+
+    @property
+    def label(self) -> str:
+        return "engine alone" if self.mode == "engine" else f"sidecar {self.mode}"
+
+    @classmethod
+    def parse(cls, text: str) -> Row:
+        mode, _, gate = text.strip().partition(":")
+        if mode == "engine" and not gate:
+            return cls("engine", None)
+        if mode in ("passthrough", "offload") and gate.isdigit() and int(gate) >= 1:
+            return cls(mode, int(gate))
+        raise ValueError(f"--rows: expected engine, passthrough:G or offload:G, got {text!r}")
+
+
+@dataclass
+class Result:
+    row: Row
+    outcomes: list[c.Outcome]
+    wall_s: float
+    idle_pss: int
+    peak_rss: int
+    peak_pss: int
+    series: list[c.MemorySample]
+    interval_s: float
+    estimate_error: int
+
+    @property
+    def ok(self) -> list[c.Outcome]:
+        return [o for o in self.outcomes if o.status == 200]
+
+    @property
+    def throughput(self) -> float:
+        return len(self.ok) / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    return int(w), int(h)
+
+
+def sidecar_config(
+    row: Row, engine_url: str, *, model: Path, requests: int, arena: int, workers: int, timeout_s: float
+) -> dict[str, Any]:
+    assert row.gate is not None
+    config: dict[str, Any] = {
+        "upstream": {"url": engine_url, "mode": row.mode, "ack_timeout_s": timeout_s, "connect_timeout_s": 10},
+        "gate": {"max_concurrent": row.gate, "max_queue": requests + 8, "queue_timeout_s": timeout_s},
+        "server": {"max_body_memory": "2GiB"},
+    }
+    if row.mode == "offload":
+        # The engine's own processor (its checkpoint directory), so the tensors are exactly what it expects.
+        config["preprocess"] = {"processor": str(model), "workers": workers, "task_timeout_s": 120}
+        config["gate"]["max_bytes"] = arena
+    return config
+
+
+async def burst(url: str, bodies: Sequence[bytes], timeout_s: float) -> tuple[list[c.Outcome], float]:
+    import aiohttp  # noqa: PLC0415
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.monotonic()
+        outcomes = await asyncio.gather(*(c.post(session, url + "/v1/chat/completions", b) for b in bodies))
+        ended = time.monotonic()
+    return list(outcomes), ended - started
+
+
+def start_row(
+    stack: contextlib.ExitStack,
+    row: Row,
+    *,
+    model: Path,
+    logs: Path,
+    requests: int,
+    arena_per_slot: int,
+    workers: int,
+    timeout_s: float,
+) -> tuple[c.Service, c.Service | None]:
+    """A fresh engine, and the row's sidecar in front of it (both starting at once), ready; stopped by `stack`."""
+    eng = stack.enter_context(c.engine(model, logs, wait=row.mode == "engine"))
+    if row.mode == "engine":
+        return eng, None
+    assert row.gate is not None
+    arena = int(row.gate * arena_per_slot * 1.01) + c.MiB
+    config = sidecar_config(
+        row, eng.url, model=model, requests=requests, arena=arena, workers=workers, timeout_s=timeout_s
+    )
+    side = stack.enter_context(c.sidecar(config, logs))
+    c.wait_http(eng, "/health", 180)
+    return eng, side
+
+
+def run_row(
+    row: Row,
+    *,
+    model: Path,
+    logs: Path,
+    bodies: Sequence[bytes],
+    arena_per_slot: int,
+    workers: int,
+    interval_s: float,
+    timeout_s: float,
+) -> Result:
+    with contextlib.ExitStack() as stack:
+        eng, side = start_row(
+            stack,
+            row,
+            model=model,
+            logs=logs,
+            requests=len(bodies),
+            arena_per_slot=arena_per_slot,
+            workers=workers,
+            timeout_s=timeout_s,
+        )
+        pids = [eng.pid] if side is None else [eng.pid, side.pid]
+        target = eng.url if side is None else side.url
+        time.sleep(1.0)  # let start-up settle (lazy imports, the arena's pre-touch) before the baseline
+        idle = c.MemorySampler(pids).sample()
+        with c.MemorySampler(pids, interval_s) as mem:
+            outcomes, wall = asyncio.run(burst(target, bodies, timeout_s))
+        failed = [o for o in outcomes if o.status != 200]
+        if failed:
+            print(f"  {len(failed)} failed, e.g. status {failed[0].status} {failed[0].error}", file=sys.stderr)
+        return Result(
+            row,
+            outcomes,
+            wall,
+            idle.pss,
+            mem.peak_rss,
+            mem.peak_pss,
+            mem.samples,
+            mem.mean_interval_s,
+            mem.max_estimate_error,
+        )
+
+
+def table(results: Sequence[Result]) -> str:
+    base = next((r for r in results if r.row.mode == "engine"), None)
+    headers = [
+        "variant",
+        "gate",
+        "throughput req/s",
+        "delta vs engine alone",
+        "peak RSS (tree)",
+        "peak PSS (tree)",
+        "RSS reduction",
+        "PSS reduction",
+        "PSS at idle",
+        "success",
+        "p50",
+        "p99",
+    ]
+    rows = []
+    for r in results:
+        lat = [o.seconds for o in r.ok]
+        rows.append(
+            [
+                r.row.label,
+                "off" if r.row.gate is None else r.row.gate,
+                f"{r.throughput:.3f}",
+                c.pct_change(r.throughput, base.throughput) if base else "-",
+                c.size(r.peak_rss),
+                c.size(r.peak_pss),
+                f"{100 * (1 - r.peak_rss / base.peak_rss):.1f}%" if base else "-",
+                f"{100 * (1 - r.peak_pss / base.peak_pss):.1f}%" if base else "-",
+                c.size(r.idle_pss),
+                f"{len(r.ok)}/{len(r.outcomes)}",
+                c.ms(c.percentile(lat, 50)),
+                c.ms(c.percentile(lat, 99)),
+            ]
+        )
+    return c.markdown_table(headers, rows)
+
+
+def targets(results: Sequence[Result]) -> list[str]:
+    base = next((r for r in results if r.row.mode == "engine"), None)
+    offload = [r for r in results if r.row.mode == "offload"]
+    if base is None or not offload:
+        return ["target (offload <= 25% of engine-alone PSS at >= 1.0x throughput): not evaluated (needs both rows)"]
+    passing = [
+        r
+        for r in offload
+        if r.peak_pss <= TARGET_PSS_SHARE * base.peak_pss and r.throughput >= TARGET_THROUGHPUT * base.throughput
+    ]
+    best = min(passing or offload, key=lambda r: r.peak_pss)
+    share, speed = best.peak_pss / base.peak_pss, best.throughput / base.throughput
+    lines = [
+        f"target: offload at its best setting peaks <= 25% of engine-alone PSS with throughput >= 1.0x: "
+        f"{c.verdict(bool(passing))} (best: gate={best.row.gate}, {100 * share:.0f}% of the PSS at {speed:.2f}x)"
+    ]
+    fixed = best.idle_pss / base.peak_pss
+    lines.append(
+        "the offload row's memory at idle (engine ranks + sidecar + its workers + the pre-touched arena) "
+        f"is already {100 * fixed:.0f}% of the engine-alone peak: the burst itself adds "
+        f"{c.size(max(0, best.peak_pss - best.idle_pss))} over it, against "
+        f"{c.size(max(0, base.peak_pss - base.idle_pss))} for the engine alone"
+    )
+    return lines
+
+
+def _color(plt: Any, row: Row) -> Any:
+    if row.mode == "engine":
+        return "0.35"
+    shade = 0.45 + 0.12 * min(3, (row.gate or 1).bit_length() - 1)
+    return plt.get_cmap("Oranges" if row.mode == "passthrough" else "Blues")(shade)
+
+
+def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
+    def draw(plt: Any) -> None:
+        _fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+        for r in results:
+            label = r.row.label + ("" if r.row.gate is None else f" gate={r.row.gate}")
+            style = "-" if r.row.mode == "offload" else "--" if r.row.mode == "passthrough" else ":"
+            left.plot(
+                [s.t for s in r.series], [s.pss / c.GiB for s in r.series], style, label=label, color=_color(plt, r.row)
+            )
+        left.set_xlabel("seconds since the burst began")
+        left.set_ylabel("PSS of engine + sidecar trees (GiB)")
+        left.set_title("memory during the burst")
+        left.legend(fontsize=7)
+        names = [("engine" if r.row.gate is None else f"{r.row.mode[:4]} {r.row.gate}") for r in results]
+        bars = right.bar(names, [r.peak_pss / c.GiB for r in results], color=[_color(plt, r.row) for r in results])
+        for bar, r in zip(bars, results, strict=True):
+            right.annotate(
+                f"{r.throughput:.2f}/s",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+        right.set_ylabel("peak PSS (GiB)")
+        right.set_title("peak PSS per variant (label: throughput req/s)")
+        right.tick_params(axis="x", labelrotation=45, labelsize=7)
+
+    return c.save_plot(path, draw, enabled=enabled)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = c.base_parser(__doc__)
+    parser.add_argument("--requests", type=int, default=96, help="concurrent image requests per row (default 96)")
+    parser.add_argument("--size", default="1920x1080", help="image size WxH (default 1920x1080)")
+    parser.add_argument("--rows", default=ALL_ROWS, help=f"comma list (default {ALL_ROWS})")
+    parser.add_argument("--images", type=int, default=8, help="distinct JPEGs, reused round robin (default 8)")
+    parser.add_argument("--workers", type=int, default=c.nproc(), help="offload preprocessing workers (default nproc)")
+    parser.add_argument("--interval-ms", type=float, default=50.0, help="memory sampling interval (default 50)")
+    parser.add_argument("--row-timeout-s", type=float, default=900.0, help="longest burst per row (default 900)")
+    parser.add_argument(
+        "--model", default=None, help="engine checkpoint (default: the tiny Qwen2-VL, built if missing)"
+    )
+    parser.add_argument(
+        "--max-memory-share",
+        type=float,
+        default=0.7,
+        help="refuse to run when the predicted engine-alone peak exceeds this share of MemAvailable",
+    )
+    args = parser.parse_args(argv)
+    rows = [Row.parse(t) for t in args.rows.split(",") if t.strip()]
+    width, height = parse_size(args.size)
+
+    from preprocess.arena import reservation_size  # noqa: PLC0415
+    from preprocess.cost import output_nbytes, output_shapes  # noqa: PLC0415
+    from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
+
+    model = c.ensure_model(args.model)
+    spec = read_spec(resolve_processor(str(model)))
+    per_image = output_nbytes(spec, width, height)
+    shapes = output_shapes(spec, width, height)
+    predicted = args.requests * per_image * 2 + 2 * c.GiB  # rank 0 + rank 1 copies, plus the processes
+    available = _mem_available()
+    print(
+        f"{args.requests} x {width}x{height}: pixel_values {shapes['pixel_values'][0]} = {c.size(per_image)} per "
+        f"image; engine-alone peak predicted ~{c.size(predicted)} (MemAvailable {c.size(available)})"
+    )
+    if any(r.mode == "engine" for r in rows) and predicted > args.max_memory_share * available:
+        print(
+            f"refusing: the predicted peak is above {args.max_memory_share:.0%} of MemAvailable; use fewer "
+            "--requests or a smaller --size",
+            file=sys.stderr,
+        )
+        return 2
+    jpegs = [c.photo_jpeg(width, height, seed=i) for i in range(args.images)]
+    bodies = [c.chat_body(image_url=c.data_url(jpegs[i % len(jpegs)])) for i in range(args.requests)]
+
+    results: list[Result] = []
+    with c.log_directory(args.keep_logs) as logs, c.CpuLoad() as load:
+        for row in rows:
+            print(f"[{row.label} gate={row.gate or 'off'}] {args.requests} requests...", flush=True)
+            result = run_row(
+                row,
+                model=model,
+                logs=logs,
+                bodies=bodies,
+                arena_per_slot=reservation_size(per_image),
+                workers=args.workers,
+                interval_s=args.interval_ms / 1000,
+                timeout_s=args.row_timeout_s,
+            )
+            print(
+                f"  {result.throughput:.3f} req/s, peak PSS {c.size(result.peak_pss)}, RSS {c.size(result.peak_rss)}, "
+                f"{len(result.ok)}/{len(result.outcomes)} ok",
+                flush=True,
+            )
+            results.append(result)
+    c.check_no_leftovers()
+
+    text = table(results)
+    notes = targets(results)
+    print("\n" + text + "\n\n" + "\n".join(notes))
+    png = plot(results, Path(args.out) / f"gate_table-{args.requests}x{width}x{height}.png", not args.no_plot)
+    mean_interval = sum(r.interval_s for r in results) / len(results)
+    settings = [
+        f"workload: {args.requests} concurrent requests per row, each one {width}x{height} JPEG "
+        f"(~{sum(map(len, jpegs)) // len(jpegs) // 1024} KiB, {args.images} distinct, base64 data URL) + a short "
+        "text, max_tokens=1, non-streaming; a fresh engine (and sidecar) per row",
+        f"processor: the model's preprocessor_config.json (= qwen2-vl preset, max_pixels {spec.max_pixels}, so no "
+        f"downscale): pixel_values {list(shapes['pixel_values'][0])} float32 = {c.size(per_image)} per image",
+        "engine: reference engine, 2 TP ranks (gloo, CPU), tiny random-weight Qwen2-VL; children run with "
+        "OMP_NUM_THREADS=1",
+        f"sidecar: passthrough gate.max_bytes default (priced as decoded RGB); offload {args.workers} workers, "
+        f"arena = gate x {c.size(reservation_size(per_image))} (+1%); max_queue = N+8, no 429s by design",
+        f"memory: RSS and PSS summed over every process of the engine tree + the sidecar tree, sampled every "
+        f"{args.interval_ms:.0f} ms (achieved {mean_interval * 1000:.0f} ms on average): RSS from statm, PSS = RSS "
+        "minus each process's shared pages as read from smaps_rollup every 0.25 s or less often, at most ~10% "
+        "of a core (bench/common.py); the "
+        f"largest gap seen between that PSS and an exact reading: {c.size(max(r.estimate_error for r in results))}",
+    ]
+    c.append_results(
+        args.out,
+        title="gate_table",
+        command=c.command_line("gate_table", argv),
+        load=load,
+        settings=settings,
+        table=text,
+        notes=notes,
+        plot=png,
+    )
+    return 0 if all(len(r.ok) == len(r.outcomes) for r in results) else 1
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

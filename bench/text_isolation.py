@@ -1,0 +1,293 @@
+"""Is text traffic stalled by an image storm? Engine alone vs through the sidecar.
+
+For each variant (a fresh engine, and a sidecar in front of it for the sidecar rows):
+1. quiet: `--text` text requests one after the other: latency p50/p99;
+2. storm: `--images` image requests sent all at once (as in gate_table); meanwhile a text request is
+   started every `--text-interval-ms` (open loop, each one timed on its own) until the storm is over,
+   and the event loop of the process the client talks to is probed every `--probe-interval-ms` with a
+   cheap GET: the sidecar's `/healthz`, or the engine's `/v1/models` for the engine alone.
+
+The sidecar exports no event-loop lag metric, and this benchmark changes nothing in the sidecar, so
+the probe's round-trip time is the lag proxy: it is an upper bound (loopback HTTP itself costs
+~0.2-0.5 ms here), and its p99 against 5 ms is the target.
+
+    .venv/bin/python -m bench.text_isolation
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import common as c
+from .gate_table import Row, parse_size, start_row
+
+TARGET_LAG_P99_S = 0.005
+
+
+@dataclass
+class Result:
+    row: Row
+    quiet: list[c.Outcome]
+    storm_text: list[c.Outcome]
+    images: list[c.Outcome]
+    storm_s: float
+    probes: list[float]  # seconds, successful probes during the storm
+    probes_quiet: list[float]
+    probe_path: str
+
+    @staticmethod
+    def ok(outcomes: Sequence[c.Outcome]) -> list[float]:
+        return [o.seconds for o in outcomes if o.status == 200]
+
+
+async def _probe(session: Any, url: str, interval_s: float, stop: asyncio.Event, into: list[float]) -> None:
+    import aiohttp  # noqa: PLC0415
+
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            async with session.get(url) as resp:
+                await resp.read()
+                if resp.status == 200:
+                    into.append(time.monotonic() - started)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+
+
+async def _run(
+    target: str,
+    probe_url: str,
+    *,
+    text_body: bytes,
+    image_bodies: Sequence[bytes],
+    quiet_n: int,
+    text_interval_s: float,
+    probe_interval_s: float,
+    timeout_s: float,
+) -> tuple[list[c.Outcome], list[c.Outcome], list[c.Outcome], float, list[float], list[float]]:
+    import aiohttp  # noqa: PLC0415
+
+    chat = target + "/v1/chat/completions"
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        # quiet: one text request after the other (after a few unmeasured ones), and the probe on its own
+        for _ in range(3):
+            await c.post(session, chat, text_body)
+        quiet = [await c.post(session, chat, text_body) for _ in range(quiet_n)]
+        probes_quiet: list[float] = []
+        stop = asyncio.Event()
+        prober = asyncio.create_task(_probe(session, probe_url, probe_interval_s, stop, probes_quiet))
+        await asyncio.sleep(min(2.0, 50 * probe_interval_s))
+        stop.set()
+        await prober
+        # storm: all images at once; text requests on a fixed clock; probes
+        stop = asyncio.Event()
+        probes: list[float] = []
+        prober = asyncio.create_task(_probe(session, probe_url, probe_interval_s, stop, probes))
+        texts: list[asyncio.Task[c.Outcome]] = []
+        started = time.monotonic()
+        storm = asyncio.gather(*(c.post(session, chat, b) for b in image_bodies))
+        max_texts = int(timeout_s / text_interval_s) + 1
+        while not storm.done() and len(texts) < max_texts:
+            texts.append(asyncio.create_task(c.post(session, chat, text_body)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(storm), text_interval_s)
+        images = await storm
+        storm_s = time.monotonic() - started
+        stop.set()
+        await prober
+        storm_text = list(await asyncio.gather(*texts))
+    return quiet, storm_text, list(images), storm_s, probes, probes_quiet
+
+
+def run_row(
+    row: Row,
+    *,
+    model: Path,
+    logs: Path,
+    args: Any,
+    image_bodies: Sequence[bytes],
+    text_body: bytes,
+    arena_per_slot: int,
+) -> Result:
+    with contextlib.ExitStack() as stack:
+        eng, side = start_row(
+            stack,
+            row,
+            model=model,
+            logs=logs,
+            requests=len(image_bodies),
+            arena_per_slot=arena_per_slot,
+            workers=args.workers,
+            timeout_s=args.timeout_s,
+        )
+        target, probe_path = (eng.url, "/v1/models") if side is None else (side.url, "/healthz")
+        got = asyncio.run(
+            _run(
+                target,
+                target + probe_path,
+                text_body=text_body,
+                image_bodies=image_bodies,
+                quiet_n=args.text,
+                text_interval_s=args.text_interval_ms / 1000,
+                probe_interval_s=args.probe_interval_ms / 1000,
+                timeout_s=args.timeout_s,
+            )
+        )
+    quiet, storm_text, images, storm_s, probes, probes_quiet = got
+    return Result(row, quiet, storm_text, images, storm_s, probes, probes_quiet, probe_path)
+
+
+def table(results: Sequence[Result]) -> tuple[str, list[str]]:
+    headers = [
+        "variant",
+        "gate",
+        "text alone p50",
+        "text alone p99",
+        "text in storm p50",
+        "text in storm p99",
+        "text ok",
+        "images ok",
+        "storm",
+        "loop probe",
+        "probe p50 quiet",
+        "probe p50 storm",
+        "probe p99 storm",
+        "probe max storm",
+    ]
+    rows, notes = [], []
+    for r in results:
+        quiet, storm = Result.ok(r.quiet), Result.ok(r.storm_text)
+        rows.append(
+            [
+                r.row.label,
+                "off" if r.row.gate is None else r.row.gate,
+                c.ms(c.percentile(quiet, 50)),
+                c.ms(c.percentile(quiet, 99)),
+                c.ms(c.percentile(storm, 50)),
+                c.ms(c.percentile(storm, 99)),
+                f"{len(storm)}/{len(r.storm_text)}",
+                f"{len(Result.ok(r.images))}/{len(r.images)}",
+                f"{r.storm_s:.1f} s",
+                r.probe_path,
+                c.ms(c.percentile(r.probes_quiet, 50)),
+                c.ms(c.percentile(r.probes, 50)),
+                c.ms(c.percentile(r.probes, 99)),
+                c.ms(max(r.probes, default=float("nan"))),
+            ]
+        )
+        if r.row.mode != "engine":
+            p99 = c.percentile(r.probes, 99)
+            notes.append(
+                f"target: sidecar event-loop lag p99 <= 5 ms during the storm ({r.row.mode} gate={r.row.gate}, "
+                f"/healthz round trip as the proxy, {len(r.probes)} probes): {c.verdict(p99 <= TARGET_LAG_P99_S)} "
+                f"({c.ms(p99)})"
+            )
+    notes.append(
+        "the sidecar exports no event-loop lag metric: an `mm_sidecar_event_loop_lag_seconds` (a probe coroutine "
+        "timing its own wake-ups) would measure the loop directly instead of through an HTTP round trip"
+    )
+    notes.append(
+        "text requests run on the engine's single model thread after whatever image work is queued there; the gate "
+        "bounds that queue to `gate` image requests, the engine alone queues the whole storm ahead of them"
+    )
+    return c.markdown_table(headers, rows), notes
+
+
+def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
+    def draw(plt: Any) -> None:
+        _fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for r in results:
+            label = r.row.label + ("" if r.row.gate is None else f" gate={r.row.gate}")
+            ok = [o for o in r.storm_text if o.status == 200]
+            t0 = min((o.started for o in r.storm_text), default=0.0)
+            left.plot([o.started - t0 for o in ok], [o.seconds * 1000 for o in ok], ".-", label=label)
+            right.hist([p * 1000 for p in r.probes], bins=50, histtype="step", label=label)
+        left.set_yscale("log")
+        left.set_xlabel("text request sent at (s into the storm)")
+        left.set_ylabel("text latency (ms, log)")
+        left.set_title("text requests during the image storm")
+        left.legend(fontsize=8)
+        right.set_xlabel("probe round trip (ms)")
+        right.set_yscale("log")
+        right.set_title("event-loop probe during the storm")
+        right.legend(fontsize=8)
+
+    return c.save_plot(path, draw, enabled=enabled)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = c.base_parser(__doc__)
+    parser.add_argument("--rows", default="engine,passthrough:2,offload:2", help="variants, as in gate_table")
+    parser.add_argument("--images", type=int, default=32, help="image requests in the storm (default 32)")
+    parser.add_argument("--size", default="1920x1080", help="image size WxH (default 1920x1080)")
+    parser.add_argument("--text", type=int, default=20, help="text requests when quiet (default 20)")
+    parser.add_argument("--text-interval-ms", type=float, default=200.0, help="text requests in the storm")
+    parser.add_argument("--probe-interval-ms", type=float, default=20.0, help="event-loop probes (default 20)")
+    parser.add_argument("--workers", type=int, default=c.nproc())
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="longest storm (default 600)")
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args(argv)
+    rows = [Row.parse(t) for t in args.rows.split(",") if t.strip()]
+    width, height = parse_size(args.size)
+
+    from preprocess.arena import reservation_size  # noqa: PLC0415
+    from preprocess.cost import output_nbytes  # noqa: PLC0415
+    from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
+
+    model = c.ensure_model(args.model)
+    per_image = output_nbytes(read_spec(resolve_processor(str(model))), width, height)
+    jpegs = [c.photo_jpeg(width, height, seed=i) for i in range(min(8, args.images))]
+    image_bodies = [c.chat_body(image_url=c.data_url(jpegs[i % len(jpegs)])) for i in range(args.images)]
+    text_body = c.chat_body(text="Say hello.")
+    results = []
+    with c.log_directory(args.keep_logs) as logs, c.CpuLoad() as load:
+        for row in rows:
+            print(f"[{row.label} gate={row.gate or 'off'}]", flush=True)
+            results.append(
+                run_row(
+                    row,
+                    model=model,
+                    logs=logs,
+                    args=args,
+                    image_bodies=image_bodies,
+                    text_body=text_body,
+                    arena_per_slot=reservation_size(per_image),
+                )
+            )
+    c.check_no_leftovers()
+    text, notes = table(results)
+    print("\n" + text + "\n\n" + "\n".join(notes))
+    png = plot(results, Path(args.out) / f"text_isolation-{args.images}x{width}x{height}.png", not args.no_plot)
+    settings = [
+        f"storm: {args.images} concurrent {width}x{height} JPEG requests (max_tokens=1); text: 'Say hello.', "
+        f"max_tokens=1, non-streaming, {args.text} one after the other when quiet, one every "
+        f"{args.text_interval_ms:.0f} ms during the storm; probe every {args.probe_interval_ms:.0f} ms",
+        "engine: reference engine, 2 TP ranks, tiny Qwen2-VL, fresh per variant; offload workers = "
+        f"{args.workers}; children run with OMP_NUM_THREADS=1",
+    ]
+    c.append_results(
+        args.out,
+        title="text_isolation",
+        command=c.command_line("text_isolation", argv),
+        load=load,
+        settings=settings,
+        table=text,
+        notes=notes,
+        plot=png,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

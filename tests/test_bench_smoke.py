@@ -1,0 +1,127 @@
+"""The benchmarks work: each one runs at its smallest scale, as `python -m bench.<name>`, into a temporary
+directory, and must exit 0, write its table to RESULTS.md, save its plot (where matplotlib is installed:
+`make bench` installs it, `make test` does not), and leave no process or shared-memory segment behind
+(the benchmarks check their own children; the segment names carry the benchmark's pid)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+
+
+def run_bench(name: str, out: Path, *args: str, timeout_s: float = 60) -> str:
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"bench.{name}", "--out", str(out), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"bench.{name} ran past {timeout_s} s:\n{output.decode(errors='replace')[-4000:]}")
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, f"bench.{name} exited {proc.returncode}:\n{text[-4000:]}"
+    assert not glob.glob(f"/dev/shm/mm-sidecar-bench{proc.pid}x*"), "a shared-memory segment was left behind"
+    results = (out / "RESULTS.md").read_text()
+    assert f"## {name} (" in results
+    assert "- command: `" in results and f"-m bench.{name}" in results
+    assert "\n|---|" in results, "no markdown table in RESULTS.md"
+    if HAS_MATPLOTLIB:
+        plots = list(out.glob(f"{name}*.png"))
+        assert plots and plots[0].stat().st_size > 0, f"no plot in {out}"
+    print(f"bench.{name}: {time.monotonic() - started:.1f} s")
+    return text
+
+
+def test_gate_table(tmp_path: Path) -> None:
+    # one engine-alone row and one offload row: both code paths, two engine start-ups
+    text = run_bench(
+        "gate_table",
+        tmp_path,
+        "--requests",
+        "2",
+        "--size",
+        "320x240",
+        "--images",
+        "1",
+        "--rows",
+        "engine,offload:1",
+        "--workers",
+        "1",
+    )
+    assert "| engine alone | off |" in text and "| sidecar offload | 1 |" in text
+    assert "2/2" in text
+
+
+def test_text_isolation(tmp_path: Path) -> None:
+    text = run_bench(
+        "text_isolation",
+        tmp_path,
+        "--rows",
+        "passthrough:1",
+        "--images",
+        "2",
+        "--size",
+        "320x240",
+        "--text",
+        "2",
+        "--text-interval-ms",
+        "50",
+    )
+    assert "| sidecar passthrough | 1 |" in text and "event-loop lag p99" in text
+
+
+def test_handoff(tmp_path: Path) -> None:
+    text = run_bench("handoff", tmp_path, "--sizes", "1", "--repeats", "2", "--warmup", "1", "--thp", "off")
+    assert "arena handoff >= 10x" in text and "| 1.0 MB |" in text
+
+
+def test_preprocess_throughput(tmp_path: Path) -> None:
+    text = run_bench(
+        "preprocess_throughput",
+        tmp_path,
+        "--presets",
+        "llava-1.5",
+        "--sizes",
+        "1080p",
+        "--images-1080p",
+        "2",
+        "--workers",
+        "1",
+    )
+    assert "| llava-1.5 | 1080p | 2 |" in text
+
+
+def test_proxy_overhead(tmp_path: Path) -> None:
+    loops = "asyncio,uvloop" if HAS_UVLOOP else "asyncio"
+    text = run_bench(
+        "proxy_overhead",
+        tmp_path,
+        "--requests",
+        "20",
+        "--rounds",
+        "1",
+        "--warmup",
+        "2",
+        "--concurrency",
+        "1,4",
+        "--loops",
+        loops,
+    )
+    assert "added p50 <= 0.5 ms at c=1" in text
