@@ -9,10 +9,10 @@ removing it). Every child runs with `OMP_NUM_THREADS=1` (2-core machines: ranks,
 client would otherwise oversubscribe the cores) and `HF_HUB_OFFLINE=1`.
 
 Memory. `MemorySampler` sums RSS and PSS over every process of the given trees at a fixed interval
-(50 ms by default) in a thread, and keeps the series and the peaks of the sums: RSS from
-`/proc/<pid>/statm` at every tick, PSS as RSS minus each process's shared discount read from
-`smaps_rollup` every 0.25 s or less often (reading it every tick would cost a core for a 10 GiB tree; see
-the class). RSS counts a shared page (the arena, shared libraries) once in every process that maps
+(50 ms by default) in a thread, and keeps the series and the peaks of the sums: RSS from the kernel's
+counters in `/proc/<pid>/status` at every tick, PSS from them and each process's sharing discount read
+from `smaps_rollup` every 0.25 s or less often (reading it every tick would cost a core for a 10 GiB
+tree; see the class). RSS counts a shared page (the arena, shared libraries) once in every process that maps
 it; PSS splits it among them, so a PSS sum over all trees counts it once.
 
 Machine load. `CpuLoad` compares the CPU time the whole machine spent (`/proc/stat`) with what this
@@ -285,30 +285,35 @@ class MemorySample:
     processes: int
 
 
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _statm_rss(pid: int) -> int | None:
+def _status_rss(pid: int) -> tuple[int, int, int] | None:
+    """(RssAnon, RssFile, RssShmem) in bytes from /proc/<pid>/status: the kernel's counters, constant time."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE
-    except (OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
         return None  # gone
+    got = {}
+    for line in text.splitlines():
+        if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+            key, value = line.split(":", 1)
+            got[key] = int(value.split()[0]) * 1024
+    if len(got) < 3:
+        return None  # a kernel thread or a zombie: no memory
+    return got["RssAnon"], got["RssFile"], got["RssShmem"]
 
 
-def _rollup(pid: int) -> tuple[int, int] | None:
+def _rollup(pid: int) -> dict[str, int] | None:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             text = f.read()
     except OSError:
         return None
-    rss = pss = 0
+    out = {}
     for line in text.splitlines():
-        if line.startswith("Rss:"):
-            rss = int(line.split()[1]) * 1024
-        elif line.startswith("Pss:"):
-            pss = int(line.split()[1]) * 1024
-    return rss, pss
+        key, _, value = line.partition(":")
+        if key in ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
+            out[key] = int(value.split()[0]) * 1024
+    return out if "Pss" in out else None
 
 
 class MemorySampler:
@@ -316,14 +321,16 @@ class MemorySampler:
 
     Reading `smaps_rollup` walks a process's page tables: ~30 ms per GiB of RSS here, so reading it
     for a 10 GiB engine every 50 ms would take a whole core from the processes being measured. So:
-    - RSS of every process comes from `/proc/<pid>/statm` (constant time) at every tick;
-    - each process's shared discount (RSS - PSS: libraries, the pre-touched arena; pages that do not
-      change during a burst, while what a burst adds is private memory) is read from `smaps_rollup`
-      every `pss_interval_s`, or less often when reading it is slow (at most ~10% of one core);
-    - PSS at a tick = sum over processes of (RSS - its latest discount); a process not yet measured
-      gets no discount (PSS over- rather than under-estimated).
-    `max_estimate_error` is the largest gap between that estimate and the exact sum at the moments
-    both are known (before the discount is refreshed); the process list is refreshed every 0.5 s.
+    - RSS comes from `/proc/<pid>/status` (the kernel's counters, constant time) at every tick, split
+      into anonymous, file and shared-memory pages;
+    - PSS at a tick = sum over processes of (anonymous + file pages - that process's sharing discount)
+      + the largest shared-memory RSS of any one process. The discount (pages shared with other
+      processes: libraries, mostly) is read from `smaps_rollup` every `pss_interval_s`, or less often
+      when reading it is slow (at most ~10% of one core); a process not yet read gets none. Shared
+      memory is counted once: all of it is the arena, which its owner (the sidecar) has pre-touched
+      in full, so the others map a subset of the owner's pages and their sum of PSS is the owner's RSS.
+    `max_estimate_error` is the largest gap between that estimate and the exact PSS sum at the moments
+    both are known (before a discount is refreshed); the process list is refreshed every 0.5 s.
     """
 
     def __init__(
@@ -360,26 +367,32 @@ class MemorySampler:
 
             self._pids = [p for root in self.roots for p in tree(root)]
             self._next_tree = now + 0.5
-        rss_of = {pid: r for pid in self._pids if (r := _statm_rss(pid)) is not None}
-        estimate = sum(max(0, r - self._discount.get(pid, 0)) for pid, r in rss_of.items())
+        rss_of = {pid: r for pid in self._pids if (r := _status_rss(pid)) is not None}
+
+        def estimate() -> int:
+            private = sum(max(0, a + f - self._discount.get(pid, 0)) for pid, (a, f, _) in rss_of.items())
+            return private + max((shm for _, _, shm in rss_of.values()), default=0)
+
+        pss = estimate()
         t = now - self._t0
         if now >= self._next_pss:
             known = bool(self.exact) and all(pid in self._discount for pid in rss_of)
             started = time.monotonic()
             exact_rss = exact_pss = 0
-            for pid in rss_of:
+            for pid, (_, _, shm) in rss_of.items():
                 got = _rollup(pid)
-                if got is not None:
-                    self._discount[pid] = max(0, got[0] - got[1])
-                    exact_rss += got[0]
-                    exact_pss += got[1]
-            took = time.monotonic() - started
-            self._next_pss = now + max(self.pss_interval_s, 10 * took)
+                if got is None:
+                    continue
+                exact_rss += got["Rss"]
+                exact_pss += got["Pss"]
+                unshared = got.get("Pss_Anon", 0) + got.get("Pss_File", 0)
+                self._discount[pid] = max(0, got["Rss"] - shm - unshared)
+            self._next_pss = now + max(self.pss_interval_s, 10 * (time.monotonic() - started))
             if known:
-                self.max_estimate_error = max(self.max_estimate_error, abs(estimate - exact_pss))
+                self.max_estimate_error = max(self.max_estimate_error, abs(pss - exact_pss))
             self.exact.append(MemorySample(t, exact_rss, exact_pss, len(rss_of)))
-            estimate = sum(max(0, r - self._discount.get(pid, 0)) for pid, r in rss_of.items())
-        self.samples.append(MemorySample(t, sum(rss_of.values()), estimate, len(rss_of)))
+            pss = estimate()
+        self.samples.append(MemorySample(t, sum(sum(r) for r in rss_of.values()), pss, len(rss_of)))
 
     def _run(self) -> None:
         next_at = time.monotonic()
@@ -505,7 +518,8 @@ class CpuLoad:
 
     @property
     def busy(self) -> bool:
-        return self.foreign_share > 0.10 or self.loadavg_start > 0.5 * nproc()
+        # Not the load average: it lags, and counts this benchmark's own processes of a minute ago.
+        return self.foreign_share > 0.10
 
     def describe(self) -> str:
         verdict = "**BUSY: other work competed for the CPUs; treat timings as noisy**" if self.busy else "quiet"

@@ -369,10 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"sidecar: passthrough gate.max_bytes default (priced as decoded RGB); offload {args.workers} workers, "
         f"arena = gate x {c.size(reservation_size(per_image))} (+1%); max_queue = N+8, no 429s by design",
         f"memory: RSS and PSS summed over every process of the engine tree + the sidecar tree, sampled every "
-        f"{args.interval_ms:.0f} ms (achieved {mean_interval * 1000:.0f} ms on average): RSS from statm, PSS = RSS "
-        "minus each process's shared pages as read from smaps_rollup every 0.25 s or less often, at most ~10% "
-        "of a core (bench/common.py); the "
-        f"largest gap seen between that PSS and an exact reading: {c.size(max(r.estimate_error for r in results))}",
+        f"{args.interval_ms:.0f} ms (achieved {mean_interval * 1000:.0f} ms on average): RSS from the kernel's "
+        "counters (/proc/<pid>/status), PSS from them with each process's sharing discount read from smaps_rollup "
+        "every 0.25 s or less often (at most ~10% of a core) and the arena counted once (bench/common.py); largest "
+        f"gap seen between that PSS and an exact reading: {c.size(max(r.estimate_error for r in results))}",
     ]
     c.append_results(
         args.out,

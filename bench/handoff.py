@@ -297,28 +297,36 @@ def table(results: Sequence[SizeResult], fixed_s: Sequence[float]) -> tuple[str,
 
 def plot(results: Sequence[SizeResult], path: Path, enabled: bool) -> Path | None:
     def draw(plt: Any) -> None:
-        _fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        _fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
         x = np.arange(len(results))
         left.bar(x - 0.2, [c.percentile(r.arena_s, 50) * 1000 for r in results], 0.4, label="arena -> ack")
         left.bar(x + 0.2, [c.percentile(r.pickle_s, 50) * 1000 for r in results], 0.4, label="pickle + broadcast")
-        left.set_xticks(x, [r.label for r in results])
+        left.set_xticks(x, [r.label.replace(", ", "\n") for r in results], fontsize=8)
         left.set_yscale("log")
         left.set_ylabel("ms to ack, 2 ranks (p50, log)")
         left.legend()
-        for key, label in (
+        metrics = (
             ("copy_s", "copy_out"),
             ("copy_reused_s", "copy into reused buffer"),
             ("memcpy_warm_s", "memcpy warm"),
             ("memcpy_fresh_s", "memcpy fresh dst"),
-        ):
-            right.plot(
-                [r.label for r in results],
-                [_gbps(r.nbytes, c.percentile(getattr(r, key), 50)) for r in results],
-                "o-",
-                label=label,
-            )
+        )
+        for variant, style in (("", "o-"), (", THP", "s--")):
+            group = [r for r in results if r.label.endswith(variant) and (variant or not r.label.endswith("THP"))]
+            if not group:
+                continue
+            for n, (key, label) in enumerate(metrics):
+                right.plot(
+                    [r.nbytes / 1e6 for r in group],
+                    [_gbps(r.nbytes, c.percentile(getattr(r, key), 50)) for r in group],
+                    style,
+                    color=f"C{n}",
+                    label=label + (" (THP)" if variant else ""),
+                )
+        right.set_xscale("log")
+        right.set_xlabel("MB copied")
         right.set_ylabel("GB/s (p50)")
-        right.legend()
+        right.legend(fontsize=7)
 
     return c.save_plot(path, draw, enabled=enabled)
 

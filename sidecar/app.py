@@ -23,6 +23,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from preprocess.fetch import FetchPolicy, SafeFetcher
 from preprocess.pipeline import ImagePipeline
 from preprocess.processors import read_spec, resolve_processor
+from preprocess.procmem import tree_memory
 from preprocess.protocol import PAGE, shm_token
 
 from .app_keys import BODIES, CONFIG, METRICS, PIPELINE, POOL, REMOTE, RESOLVER, SPEC, STATE, UPSTREAM, ServerState
@@ -160,7 +161,8 @@ async def _verify_engine(app: web.Application) -> None:
 
 
 async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Sample how late the loop wakes a 100 ms timer: anything that blocks it shows up here."""
+    """Sample how late the loop wakes a 100 ms timer (anything that blocks it shows up here), and the
+    process tree's memory every second, in a thread."""
     histogram = app[METRICS].loop_lag
 
     async def sample() -> None:
@@ -170,11 +172,21 @@ async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(0.1)
             histogram.observe(max(0.0, loop.time() - expected))
 
-    task = asyncio.create_task(sample())
+    async def memory() -> None:
+        metrics = app[METRICS]
+        while True:
+            tree = await asyncio.to_thread(tree_memory)  # smaps_rollup of the tree: off the loop
+            metrics.tree_rss.set(tree.rss_bytes)
+            metrics.tree_pss.set(tree.pss_bytes)
+            await asyncio.sleep(1.0)
+
+    tasks = [asyncio.create_task(sample()), asyncio.create_task(memory())]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from preprocess.procmem import tree_memory
-
 from .gate import PoolStats
 
 # Sub-millisecond proxy work up to multi-minute queues and generations.
@@ -92,8 +90,8 @@ class Metrics:
         self.tree_pss = Gauge(
             "mm_sidecar_process_tree_pss_bytes", "PSS of the sidecar and its worker processes", registry=registry
         )
-        self.tree_rss.set_function(lambda: tree_memory().rss_bytes)
-        self.tree_pss.set_function(lambda: tree_memory().pss_bytes)
+        # Set by a background sampler (app.py), not read at scrape time: reading smaps_rollup of a tree
+        # that maps the arena takes tens of ms, which must not run on the event loop.
         self.loop_lag = Histogram(
             "mm_sidecar_event_loop_lag_seconds",
             "How late the event loop ran a timer (sampled every 100 ms): time text requests wait on it",
