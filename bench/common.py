@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import datetime
 import glob
+import hashlib
 import importlib.metadata
 import io
 import math
@@ -583,6 +584,21 @@ def command_line(module: str, argv: Sequence[str]) -> str:
     with contextlib.suppress(ValueError):
         python = python.relative_to(REPO)
     return shlex.join([str(python), "-m", f"bench.{module}", *argv])
+
+
+def plot_path(out_dir: str | Path, module: str, argv: Sequence[str]) -> Path:
+    """`<module>.png`, or `<module>-<hash of the arguments>.png`: a rerun of the same command replaces its plot,
+    another command gets its own (where the output goes and whether logs are kept do not count)."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out=") and arg not in ("--no-plot", "--keep-logs"):
+            args.append(arg)
+    tag = hashlib.sha1(shlex.join(args).encode()).hexdigest()[:8] if args else ""
+    return Path(out_dir) / (f"{module}-{tag}.png" if tag else f"{module}.png")
 
 
 def append_results(

@@ -71,6 +71,7 @@ class Result:
     series: list[c.MemorySample]
     interval_s: float
     estimate_error: int
+    other_cpu: float = 0.0  # share of the machine's CPU time used by processes not ours during the row
 
     @property
     def ok(self) -> list[c.Outcome]:
@@ -198,6 +199,7 @@ def table(results: Sequence[Result]) -> str:
         "success",
         "p50",
         "p99",
+        "other CPU",
     ]
     rows = []
     for r in results:
@@ -216,6 +218,7 @@ def table(results: Sequence[Result]) -> str:
                 f"{len(r.ok)}/{len(r.outcomes)}",
                 c.ms(c.percentile(lat, 50)),
                 c.ms(c.percentile(lat, 99)),
+                f"{100 * r.other_cpu:.0f}%",
             ]
         )
     return c.markdown_table(headers, rows)
@@ -335,16 +338,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     with c.log_directory(args.keep_logs) as logs, c.CpuLoad() as load:
         for row in rows:
             print(f"[{row.label} gate={row.gate or 'off'}] {args.requests} requests...", flush=True)
-            result = run_row(
-                row,
-                model=model,
-                logs=logs,
-                bodies=bodies,
-                arena_per_slot=reservation_size(per_image),
-                workers=args.workers,
-                interval_s=args.interval_ms / 1000,
-                timeout_s=args.row_timeout_s,
-            )
+            with c.CpuLoad() as row_load:
+                result = run_row(
+                    row,
+                    model=model,
+                    logs=logs,
+                    bodies=bodies,
+                    arena_per_slot=reservation_size(per_image),
+                    workers=args.workers,
+                    interval_s=args.interval_ms / 1000,
+                    timeout_s=args.row_timeout_s,
+                )
+            result.other_cpu = row_load.foreign_share
             print(
                 f"  {result.throughput:.3f} req/s, peak PSS {c.size(result.peak_pss)}, RSS {c.size(result.peak_rss)}, "
                 f"{len(result.ok)}/{len(result.outcomes)} ok",
@@ -356,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = table(results)
     notes = targets(results)
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(results, Path(args.out) / f"gate_table-{args.requests}x{width}x{height}.png", not args.no_plot)
+    png = plot(results, c.plot_path(args.out, "gate_table", argv), not args.no_plot)
     mean_interval = sum(r.interval_s for r in results) / len(results)
     settings = [
         f"workload: {args.requests} concurrent requests per row, each one {width}x{height} JPEG "

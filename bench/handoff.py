@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.check_no_leftovers()
     text, notes = table(results, fixed_s)
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(results, Path(args.out) / "handoff.png", not args.no_plot)
+    png = plot(results, c.plot_path(args.out, "handoff", argv), not args.no_plot)
     settings = [
         f"{args.repeats} timed repeats per size after {args.warmup} warm-up; 2 ranks (spawned, gloo, 1 torch thread "
         "each) running engine.ranks.Rank; the caller talks to rank 0 over a multiprocessing Pipe",

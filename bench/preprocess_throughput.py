@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.check_no_leftovers()
     text, notes = table(results, args.workers)
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(results, Path(args.out) / "preprocess_throughput.png", not args.no_plot)
+    png = plot(results, c.plot_path(args.out, "preprocess_throughput", argv), not args.no_plot)
     jpeg_kib = {label: sum(len(t) * 3 // 4 for t in texts[label]) // len(texts[label]) // 1024 for label in labels}
     settings = [
         "images: "

@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.check_no_leftovers()
     text, notes = table(list(series.values()))
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(list(series.values()), Path(args.out) / "proxy_overhead.png", not args.no_plot)
+    png = plot(list(series.values()), c.plot_path(args.out, "proxy_overhead", argv), not args.no_plot)
     settings = [
         f"{args.rounds} alternating rounds x {args.requests} requests per target and concurrency (+{args.warmup} "
         "warm-up each); text chat request, non-streaming, max_tokens=1; keep-alive connections",

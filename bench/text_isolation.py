@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.check_no_leftovers()
     text, notes = table(results)
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(results, Path(args.out) / f"text_isolation-{args.images}x{width}x{height}.png", not args.no_plot)
+    png = plot(results, c.plot_path(args.out, "text_isolation", argv), not args.no_plot)
     settings = [
         f"storm: {args.images} concurrent {width}x{height} JPEG requests (max_tokens=1); text: 'Say hello.', "
         f"max_tokens=1, non-streaming, {args.text} one after the other when quiet, one every "
