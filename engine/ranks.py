@@ -147,8 +147,9 @@ class Rank:
         gathered: list[Any] = [sums]
         if self.world > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, sums)
+            if command.checksums:  # every rank has the same command: they agree on whether to gather
+                gathered = [None] * self.world
+                dist.all_gather_object(gathered, sums)
         if not int(ok.item()):
             images.clear()
             raise HandoffError(error or "another rank could not read the tensors")
