@@ -66,8 +66,10 @@ class ImagePipeline:
         size: int,
         on_restart: Callable[[str], None] | None = None,
         on_free: Callable[[], None] | None = None,
+        nice: int = 0,
     ) -> None:
         self.processor = processor
+        self._nice = nice
         self._on_free = on_free  # memory came back (the gate may admit a waiter)
         self.directory = directory
         self.instance = instance
@@ -91,6 +93,7 @@ class ImagePipeline:
             job=process_image,
             task_timeout_s=self._timeout,
             on_restart=self._on_restart,
+            nice=self._nice,
         )
         try:
             await self.pool.start()

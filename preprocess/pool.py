@@ -64,10 +64,19 @@ class PoolClosed(PoolError):
     pass
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, init: Callable[[], Any], job: Callable[..., Any]) -> None:
+def _worker_main(
+    conn: multiprocessing.connection.Connection, init: Callable[[], Any], job: Callable[..., Any], nice: int
+) -> None:
     # The parent handles Ctrl-C and shuts workers down itself; a worker must not die of the
     # terminal's SIGINT while it is writing into an extent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice > 0:
+        # Workers are batch work and the parent's event loop is latency work: when both want the
+        # same core, the loop must win, or every request it serves (text included) waits behind a
+        # JPEG decode. SCHED_BATCH also stops a worker's wake-up from preempting the loop.
+        os.nice(nice)
+        with contextlib.suppress(OSError, AttributeError):  # not Linux: niceness alone
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     try:
         state = init()
     except BaseException as exc:
@@ -128,6 +137,7 @@ class WorkerPool(Generic[S, T, R]):
         job: Callable[[S, T], R],
         task_timeout_s: float,
         on_restart: Callable[[str], None] | None = None,
+        nice: int = 0,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -136,6 +146,7 @@ class WorkerPool(Generic[S, T, R]):
         self._job = job
         self._timeout = task_timeout_s
         self._on_restart = on_restart
+        self._nice = nice
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._queue: deque[_Task[T, R]] = deque()
@@ -215,7 +226,7 @@ class WorkerPool(Generic[S, T, R]):
     def _spawn(self) -> None:
         assert self._loop is not None  # started
         parent, child = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=_worker_main, args=(child, self._init, self._job), daemon=True)
+        process = self._ctx.Process(target=_worker_main, args=(child, self._init, self._job, self._nice), daemon=True)
         process.start()
         child.close()
         w = _Worker(process, parent, self._loop.create_future(), pid=process.pid)

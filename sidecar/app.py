@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .offload import verify_shared_memory
 from .remote import RemoteImages
 from .routes import ApiHandler, debug_state, healthz, passthrough, readyz, request_id_of
+from .schedstat import run_queue_wait
 from .upstream import Upstream
 
 log = logging.getLogger("mm_sidecar")
@@ -105,6 +106,7 @@ async def _offload_ctx(app: web.Application) -> AsyncIterator[None]:
         processor=config.preprocess.processor,
         workers=config.preprocess.workers,
         task_timeout_s=config.preprocess.task_timeout_s,
+        nice=config.preprocess.worker_nice,
         instance=config.shm.name,
         directory=config.shm.dir,
         size=config.gate.max_bytes // PAGE * PAGE,
@@ -163,14 +165,18 @@ async def _verify_engine(app: web.Application) -> None:
 async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
     """Sample how late the loop wakes a 100 ms timer (anything that blocks it shows up here), and the
     process tree's memory every second, in a thread."""
-    histogram = app[METRICS].loop_lag
+    histogram, cpu_wait = app[METRICS].loop_lag, app[METRICS].loop_cpu_wait
 
     async def sample() -> None:
         loop = asyncio.get_running_loop()
+        waited = run_queue_wait()
         while True:
             expected = loop.time() + 0.1
             await asyncio.sleep(0.1)
             histogram.observe(max(0.0, loop.time() - expected))
+            if waited is not None and (now := run_queue_wait()) is not None:
+                cpu_wait.observe(now - waited)
+                waited = now
 
     async def memory() -> None:
         metrics = app[METRICS]

@@ -200,6 +200,12 @@ class PreprocessConfig:
     )
     workers: int = field(default=2, metadata=_bounds(ge=1, le=256, doc="preprocessing worker processes"))
     task_timeout_s: float = field(default=60.0, metadata=_bounds(ge=0.01, doc="longest preprocessing of one image"))
+    worker_nice: int = field(
+        default=10,
+        metadata=_bounds(
+            ge=0, le=19, doc="workers' niceness (and SCHED_BATCH when > 0): the event loop wins a shared core"
+        ),
+    )
     max_concurrent_fetches: int = field(
         default=8, metadata=_bounds(ge=1, doc="remote images being fetched at once, all requests together")
     )

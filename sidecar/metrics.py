@@ -98,6 +98,13 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
         )
+        self.loop_cpu_wait = Histogram(
+            "mm_sidecar_event_loop_cpu_wait_seconds",
+            "Time the event loop's thread was runnable but not running, per 100 ms lag sample (Linux "
+            "schedstat): lag with CPU wait means too little CPU for the sidecar, lag without it blocking code",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
         self.media_parts = Counter(
             "mm_sidecar_media_parts", "Media parts seen in admitted requests", ["media"], registry=registry
         )

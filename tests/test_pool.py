@@ -172,3 +172,36 @@ async def test_close_fails_queued_and_leaves_no_process() -> None:
     assert not any(alive(p) for p in pids)
     with pytest.raises(PoolClosed):
         await pool.run(("ok", 0, ""))
+
+
+async def test_workers_run_niced_as_batch_work_and_replacements_too() -> None:
+    # The event loop must win a core its workers also want (see _worker_main); a replacement after a
+    # crash must get the same treatment, not the parent's priority.
+    pool: WorkerPool[dict[str, int], tuple[str, float, str], tuple[int, str]] = WorkerPool(
+        workers=1, init=init_state, job=job, task_timeout_s=10.0, nice=7
+    )
+    await pool.start()
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        (first,) = pool.pids()
+        assert os.getpriority(os.PRIO_PROCESS, first) == min(19, base + 7)
+        assert os.sched_getscheduler(first) == os.SCHED_BATCH
+        with pytest.raises(WorkerCrashed):
+            await pool.run(("crash", 0.0, ""))
+        second, _ = await pool.run(("ok", 0, ""))  # the replacement is up and has applied its setting
+        assert second != first
+        assert os.getpriority(os.PRIO_PROCESS, second) == min(19, base + 7)
+        assert os.sched_getscheduler(second) == os.SCHED_BATCH
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the parent is untouched
+    finally:
+        await pool.close()
+
+
+async def test_nice_zero_leaves_workers_as_the_parent() -> None:
+    pool = await make_pool(1)
+    try:
+        (pid,) = pool.pids()
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.sched_getscheduler(pid) == os.sched_getscheduler(0)
+    finally:
+        await pool.close()

@@ -402,3 +402,46 @@ async def test_event_loop_lag_is_sampled(stack: StackFactory) -> None:
     text = await (await s.client.get("/metrics")).text()
     count = next(line for line in text.splitlines() if line.startswith("mm_sidecar_event_loop_lag_seconds_count"))
     assert float(count.split()[1]) >= 2
+    # Linux: each lag sample comes with the loop thread's CPU wait over the same window.
+    waits = next(line for line in text.splitlines() if line.startswith("mm_sidecar_event_loop_cpu_wait_seconds_count"))
+    assert float(waits.split()[1]) >= 2
+
+
+async def test_an_answer_already_whole_goes_out_with_its_length(stack: StackFactory) -> None:
+    # A non-streamed text answer is all in hand after the first read: relayed as one response with a
+    # Content-Length (one write), byte for byte, not re-chunked.
+    s = await stack()
+    resp = await s.client.post("/v1/chat/completions", json=chat_body(image=False))
+    body = await resp.read()
+    assert resp.status == 200
+    assert resp.headers.get("Transfer-Encoding") is None
+    assert resp.headers["Content-Length"] == str(len(body))
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert orjson.loads(body)["object"] == "chat.completion"
+
+
+async def test_a_trickling_answer_that_is_not_sse_is_still_streamed(aiohttp_server: Any, aiohttp_client: Any) -> None:
+    # Only an answer that is already complete is sent whole; one still arriving is relayed as it comes.
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        out = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await out.prepare(request)
+        await out.write(b'{"part": 1,')
+        await asyncio.sleep(0.4)
+        await out.write(b' "part2": 2}')
+        await out.write_eof()
+        return out
+
+    upstream_app = web.Application()
+    upstream_app.router.add_post("/v1/chat/completions", slow)
+    upstream = await aiohttp_server(upstream_app)
+    client = await aiohttp_client(create_app(make_config(str(upstream.make_url("")).rstrip("/"))))
+    async with client.post("/v1/chat/completions", json=chat_body(image=False)) as resp:
+        assert resp.status == 200
+        first = await resp.content.readany()
+        t_first = time.monotonic()
+        assert first == b'{"part": 1,'
+        rest = await resp.read()
+        assert time.monotonic() - t_first >= 0.3
+        assert rest == b' "part2": 2}'
+    await assert_invariant(client)
