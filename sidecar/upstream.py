@@ -196,6 +196,13 @@ class Upstream:
                 return web.Response(
                     status=resp.status, body=first.body, headers=response_headers(resp.headers, fwd.request_id)
                 )
+            if fwd.transform is None and not _is_sse(resp) and resp.content.at_eof():
+                # The whole answer is already here (a short JSON answer usually is): send it as one
+                # response with a Content-Length, headers and body in one write, instead of headers,
+                # a chunk and the chunked terminator in three. Nothing waits for it: no bytes are pending.
+                return web.Response(
+                    status=resp.status, body=first, headers=response_headers(resp.headers, fwd.request_id)
+                )
             if fwd.assemble is not None and resp.status == 200 and _is_sse(resp):
                 return await self._assembled(resp, fwd, first)
             if fwd.transform is not None and resp.status == 200:

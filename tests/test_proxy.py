@@ -11,10 +11,11 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar.app import create_app
 from sidecar.app_keys import POOL, STATE, UPSTREAM
 from sidecar.echo import EchoEngine
 
-from .conftest import StackFactory, chat_body, messages_body
+from .conftest import StackFactory, assert_invariant, chat_body, make_config, messages_body
 
 
 class Holder:
