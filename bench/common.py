@@ -98,7 +98,10 @@ def _python() -> str:
     return sys.executable
 
 
-def start_service(name: str, argv: Sequence[str], url: str, log_dir: Path) -> Service:
+def start_service(
+    name: str, argv: Sequence[str], url: str, log_dir: Path, *, cpus: frozenset[int] | None = None
+) -> Service:
+    """`argv` as a service in its own session; on `cpus` only when given (its children inherit them)."""
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -110,6 +113,10 @@ def start_service(name: str, argv: Sequence[str], url: str, log_dir: Path) -> Se
             env={**os.environ, **CHILD_ENV},
             start_new_session=True,  # its own process group: stop() can reach every descendant
         )
+    if cpus is not None:
+        # Set before the interpreter has started anything: the engine's ranks and the sidecar's
+        # workers are spawned seconds later and inherit it.
+        os.sched_setaffinity(proc.pid, cpus)
     return Service(name, proc, url, log_path)
 
 
@@ -186,7 +193,13 @@ def ensure_model(directory: str | None) -> Path:
 
 @contextlib.contextmanager
 def engine(
-    model_dir: Path, log_dir: Path, *, tp: int = 2, wait: bool = True, start_timeout_s: float = 180
+    model_dir: Path,
+    log_dir: Path,
+    *,
+    tp: int = 2,
+    wait: bool = True,
+    start_timeout_s: float = 180,
+    cpus: frozenset[int] | None = None,
 ) -> Iterator[Service]:
     """The reference engine (`tp` ranks, gloo) on a free port; stopped (and every rank gone) on exit.
 
@@ -195,7 +208,7 @@ def engine(
     port = free_port()
     argv = [_python(), "-m", "sidecar.cli", "--log-level", "WARNING", "engine"]
     argv += ["--model", str(model_dir), "--tp", str(tp), "--port", str(port)]
-    service = start_service(f"engine-{port}", argv, f"http://127.0.0.1:{port}", log_dir)
+    service = start_service(f"engine-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus)
     try:
         if wait:
             wait_http(service, "/health", start_timeout_s)
@@ -213,7 +226,12 @@ def _segments(instance: str) -> list[str]:
 
 @contextlib.contextmanager
 def sidecar(
-    config: dict[str, Any], log_dir: Path, *, uvloop: bool = False, start_timeout_s: float = 180
+    config: dict[str, Any],
+    log_dir: Path,
+    *,
+    uvloop: bool = False,
+    start_timeout_s: float = 180,
+    cpus: frozenset[int] | None = None,
 ) -> Iterator[Service]:
     """`mm-sidecar serve` with `config` (ports and segment name filled in), ready (/readyz 200) on entry.
 
@@ -228,7 +246,7 @@ def sidecar(
     path.write_text(yaml.safe_dump(merged, sort_keys=False))
     module = "bench.uvloop_serve" if uvloop else "sidecar.cli"
     argv = [_python(), "-m", module, "--log-level", "WARNING", "serve", "--config", str(path)]
-    service = start_service(f"sidecar-{port}", argv, f"http://127.0.0.1:{port}", log_dir)
+    service = start_service(f"sidecar-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus)
     try:
         wait_http(service, "/readyz", start_timeout_s)
         yield service
@@ -456,6 +474,30 @@ def _mem_total() -> int:
 
 def nproc() -> int:
     return len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """CPU sets for a pod's containers on one machine: the sidecar (its loop and workers) on its own
+    CPUs, the engine and the benchmark's client on the rest, as Kubernetes' static CPU manager gives a
+    Guaranteed pod's containers exclusive cores. Without it every process competes for every CPU."""
+
+    sidecar: frozenset[int]
+    engine: frozenset[int]
+
+    @classmethod
+    def split(cls, sidecar_cpus: int = 1) -> Placement:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) <= sidecar_cpus:
+            raise ValueError(f"a split placement needs more than {sidecar_cpus} CPU(s), this process has {len(cpus)}")
+        return cls(frozenset(cpus[:sidecar_cpus]), frozenset(cpus[sidecar_cpus:]))
+
+    def describe(self) -> str:
+        return f"sidecar on CPU {_cpu_list(self.sidecar)}, engine and client on CPU {_cpu_list(self.engine)}"
+
+
+def _cpu_list(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 def versions() -> dict[str, str]:

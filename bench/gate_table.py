@@ -36,28 +36,43 @@ from typing import Any
 
 from . import common as c
 
-ALL_ROWS = "engine,passthrough:1,passthrough:2,passthrough:4,passthrough:8,offload:1,offload:2,offload:4,offload:8"
+ALL_ROWS = (
+    "engine,passthrough:1,passthrough:2,passthrough:4,passthrough:8,offload:1,offload:2,offload:4,offload:8,"
+    "passthrough:1b,passthrough:2b,offload:1b,offload:2b"
+)
 TARGET_PSS_SHARE = 0.25
 TARGET_THROUGHPUT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
+    """A variant: `mode:G` gates by count (G requests at once), `mode:Gb` by bytes only (the budget of
+    G images, gate.max_concurrent out of the way): the same bound expressed as gate.max_bytes."""
+
     mode: str  # engine | passthrough | offload
     gate: int | None
+    by_bytes: bool = False
 
     @property
     def label(self) -> str:
         return "engine alone" if self.mode == "engine" else f"sidecar {self.mode}"
+
+    @property
+    def gate_label(self) -> str:
+        if self.gate is None:
+            return "off"
+        return f"bytes of {self.gate}" if self.by_bytes else str(self.gate)
 
     @classmethod
     def parse(cls, text: str) -> Row:
         mode, _, gate = text.strip().partition(":")
         if mode == "engine" and not gate:
             return cls("engine", None)
-        if mode in ("passthrough", "offload") and gate.isdigit() and int(gate) >= 1:
-            return cls(mode, int(gate))
-        raise ValueError(f"--rows: expected engine, passthrough:G or offload:G, got {text!r}")
+        by_bytes = gate.endswith("b")
+        count = gate[:-1] if by_bytes else gate
+        if mode in ("passthrough", "offload") and count.isdigit() and int(count) >= 1:
+            return cls(mode, int(count), by_bytes)
+        raise ValueError(f"--rows: expected engine, passthrough:G[b] or offload:G[b], got {text!r}")
 
 
 @dataclass
@@ -88,7 +103,15 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def sidecar_config(
-    row: Row, engine_url: str, *, model: Path, requests: int, arena: int, workers: int, timeout_s: float
+    row: Row,
+    engine_url: str,
+    *,
+    model: Path,
+    requests: int,
+    arena: int,
+    workers: int,
+    timeout_s: float,
+    rgb_per_image: int = 0,
 ) -> dict[str, Any]:
     assert row.gate is not None
     config: dict[str, Any] = {
@@ -96,10 +119,16 @@ def sidecar_config(
         "gate": {"max_concurrent": row.gate, "max_queue": requests + 8, "queue_timeout_s": timeout_s},
         "server": {"max_body_memory": "2GiB"},
     }
+    if row.by_bytes:
+        config["gate"]["max_concurrent"] = requests  # never the bound: bytes are
+        if row.mode == "passthrough":
+            if rgb_per_image <= 0:
+                raise ValueError("a passthrough bytes row needs the image's decoded RGB size")
+            config["gate"]["max_bytes"] = row.gate * rgb_per_image  # passthrough prices decoded RGB
     if row.mode == "offload":
         # The engine's own processor (its checkpoint directory), so the tensors are exactly what it expects.
         config["preprocess"] = {"processor": str(model), "workers": workers, "task_timeout_s": 120}
-        config["gate"]["max_bytes"] = arena
+        config["gate"]["max_bytes"] = arena  # the arena: `gate` images' exact tensors
     return config
 
 
@@ -125,17 +154,29 @@ def start_row(
     arena_per_slot: int,
     workers: int,
     timeout_s: float,
+    placement: c.Placement | None = None,
+    rgb_per_image: int = 0,
 ) -> tuple[c.Service, c.Service | None]:
-    """A fresh engine, and the row's sidecar in front of it (both starting at once), ready; stopped by `stack`."""
-    eng = stack.enter_context(c.engine(model, logs, wait=row.mode == "engine"))
+    """A fresh engine, and the row's sidecar in front of it (both starting at once), ready; stopped by `stack`.
+
+    `placement` pins the engine and the sidecar to CPU sets of their own (default: every CPU for all)."""
+    eng_cpus, side_cpus = (placement.engine, placement.sidecar) if placement else (None, None)
+    eng = stack.enter_context(c.engine(model, logs, wait=row.mode == "engine", cpus=eng_cpus))
     if row.mode == "engine":
         return eng, None
     assert row.gate is not None
     arena = int(row.gate * arena_per_slot * 1.01) + c.MiB
     config = sidecar_config(
-        row, eng.url, model=model, requests=requests, arena=arena, workers=workers, timeout_s=timeout_s
+        row,
+        eng.url,
+        model=model,
+        requests=requests,
+        arena=arena,
+        workers=workers,
+        timeout_s=timeout_s,
+        rgb_per_image=rgb_per_image,
     )
-    side = stack.enter_context(c.sidecar(config, logs))
+    side = stack.enter_context(c.sidecar(config, logs, cpus=side_cpus))
     c.wait_http(eng, "/health", 180)
     return eng, side
 
@@ -150,6 +191,7 @@ def run_row(
     workers: int,
     interval_s: float,
     timeout_s: float,
+    rgb_per_image: int,
 ) -> Result:
     with contextlib.ExitStack() as stack:
         eng, side = start_row(
@@ -161,6 +203,7 @@ def run_row(
             arena_per_slot=arena_per_slot,
             workers=workers,
             timeout_s=timeout_s,
+            rgb_per_image=rgb_per_image,
         )
         pids = [eng.pid] if side is None else [eng.pid, side.pid]
         target = eng.url if side is None else side.url
@@ -207,7 +250,7 @@ def table(results: Sequence[Result]) -> str:
         rows.append(
             [
                 r.row.label,
-                "off" if r.row.gate is None else r.row.gate,
+                r.row.gate_label,
                 f"{r.throughput:.3f}",
                 c.pct_change(r.throughput, base.throughput) if base else "-",
                 c.size(r.peak_rss),
@@ -238,7 +281,7 @@ def targets(results: Sequence[Result]) -> list[str]:
     share, speed = best.peak_pss / base.peak_pss, best.throughput / base.throughput
     lines = [
         f"target: offload at its best setting peaks <= 25% of engine-alone PSS with throughput >= 1.0x: "
-        f"{c.verdict(bool(passing))} (best: gate={best.row.gate}, {100 * share:.0f}% of the PSS at {speed:.2f}x)"
+        f"{c.verdict(bool(passing))} (best: gate={best.row.gate_label}, {100 * share:.0f}% of the PSS at {speed:.2f}x)"
     ]
     fixed = best.idle_pss / base.peak_pss
     lines.append(
@@ -261,7 +304,7 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
     def draw(plt: Any) -> None:
         _fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
         for r in results:
-            label = r.row.label + ("" if r.row.gate is None else f" gate={r.row.gate}")
+            label = r.row.label + ("" if r.row.gate is None else f" gate={r.row.gate_label}")
             style = "-" if r.row.mode == "offload" else "--" if r.row.mode == "passthrough" else ":"
             left.plot(
                 [s.t for s in r.series], [s.pss / c.GiB for s in r.series], style, label=label, color=_color(plt, r.row)
@@ -270,7 +313,10 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
         left.set_ylabel("PSS of engine + sidecar trees (GiB)")
         left.set_title("memory during the burst")
         left.legend(fontsize=7)
-        names = [("engine" if r.row.gate is None else f"{r.row.mode[:4]} {r.row.gate}") for r in results]
+        names = [
+            ("engine" if r.row.gate is None else f"{r.row.mode[:4]} {r.row.gate}{'b' if r.row.by_bytes else ''}")
+            for r in results
+        ]
         bars = right.bar(names, [r.peak_pss / c.GiB for r in results], color=[_color(plt, r.row) for r in results])
         for bar, r in zip(bars, results, strict=True):
             right.annotate(
@@ -337,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     with c.log_directory(args.keep_logs) as logs, c.CpuLoad() as load:
         for row in rows:
-            print(f"[{row.label} gate={row.gate or 'off'}] {args.requests} requests...", flush=True)
+            print(f"[{row.label} gate={row.gate_label}] {args.requests} requests...", flush=True)
             with c.CpuLoad() as row_load:
                 result = run_row(
                     row,
@@ -348,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     workers=args.workers,
                     interval_s=args.interval_ms / 1000,
                     timeout_s=args.row_timeout_s,
+                    rgb_per_image=width * height * 3,
                 )
             result.other_cpu = row_load.foreign_share
             print(
@@ -372,7 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engine: reference engine, 2 TP ranks (gloo, CPU), tiny random-weight Qwen2-VL; children run with "
         "OMP_NUM_THREADS=1",
         f"sidecar: passthrough gate.max_bytes default (priced as decoded RGB); offload {args.workers} workers, "
-        f"arena = gate x {c.size(reservation_size(per_image))} (+1%); max_queue = N+8, no 429s by design",
+        f"arena = gate x {c.size(reservation_size(per_image))} (+1%); max_queue = N+8, no 429s by design; "
+        f"'bytes of G' rows: gate.max_concurrent = N and the bound is gate.max_bytes = G images' bytes "
+        f"(passthrough: G x {c.size(width * height * 3)} of decoded RGB; offload: the arena, as above)",
         f"memory: RSS and PSS summed over every process of the engine tree + the sidecar tree, sampled every "
         f"{args.interval_ms:.0f} ms (achieved {mean_interval * 1000:.0f} ms on average): RSS from the kernel's "
         "counters (/proc/<pid>/status), PSS from them with each process's sharing discount read from smaps_rollup "

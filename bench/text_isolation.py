@@ -9,17 +9,25 @@ For each variant (a fresh engine, and a sidecar in front of it for the sidecar r
 
 The sidecar's own `mm_sidecar_event_loop_lag_seconds` (how late its loop wakes a 100 ms timer) is
 read from `/metrics` just before and just after the storm; the difference of the two histograms is
-the lag during the storm, and the share of samples above 5 ms decides the target (p99 <= 5 ms). The
-two scrapes are timed too: each one reads `smaps_rollup` of the sidecar's tree on its event loop.
+the lag during the storm, and the share of samples above 5 ms decides the target (p99 <= 5 ms).
+`mm_sidecar_event_loop_cpu_wait_seconds` is read the same way: over the same 100 ms windows, how long
+the loop's thread was runnable but not running. Lag that comes with as much CPU wait is the kernel
+running other processes, not the loop being blocked.
 The `/healthz` round trip is kept as an outside view (an upper bound: loopback HTTP costs ~0.3 ms).
+
+Each variant runs in each `--placements`: `shared` (every process on every CPU: the sidecar's loop
+competes with its workers, both engine ranks and the client) and `split` (the sidecar and its workers
+on CPU 0, the engine and the client on the others: a pod whose containers got exclusive cores).
 
     .venv/bin/python -m bench.text_isolation
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -44,7 +52,9 @@ class Result:
     probes_quiet: list[float]
     probe_path: str
     lag: dict[float, float]  # sidecar rows: le -> samples of mm_sidecar_event_loop_lag_seconds in the storm
+    cpu_wait: dict[float, float]  # the same for mm_sidecar_event_loop_cpu_wait_seconds
     scrape_s: list[float]  # how long each GET /metrics took
+    placement: str
 
     @staticmethod
     def ok(outcomes: Sequence[c.Outcome]) -> list[float]:
@@ -67,14 +77,15 @@ async def _probe(session: Any, url: str, interval_s: float, stop: asyncio.Event,
             await asyncio.wait_for(stop.wait(), interval_s)
 
 
-LAG_METRIC = "mm_sidecar_event_loop_lag_seconds_bucket"
+LAG_METRIC = "mm_sidecar_event_loop_lag_seconds"
+CPU_WAIT_METRIC = "mm_sidecar_event_loop_cpu_wait_seconds"
 
 
-def lag_buckets(text: str) -> dict[float, float]:
-    """le -> cumulative count of the sidecar's loop-lag histogram, from a Prometheus text page."""
+def histogram_buckets(text: str, metric: str) -> dict[float, float]:
+    """le -> cumulative count of one histogram, from a Prometheus text page."""
     out: dict[float, float] = {}
     for line in text.splitlines():
-        if line.startswith(LAG_METRIC + "{"):
+        if line.startswith(metric + "_bucket{"):
             labels, _, value = line.rpartition(" ")
             le = labels.split('le="', 1)[1].split('"', 1)[0]
             out[float(le)] = float(value)
@@ -95,12 +106,12 @@ def lag_quantile_bound(lag: dict[float, float], q: float) -> float:
     return float("nan")
 
 
-async def _scrape(session: Any, url: str, into: list[float]) -> dict[float, float]:
+async def _scrape(session: Any, url: str, into: list[float]) -> dict[str, dict[float, float]]:
     started = time.monotonic()
     async with session.get(url) as resp:
         text = await resp.text()
     into.append(time.monotonic() - started)
-    return lag_buckets(text)
+    return {m: histogram_buckets(text, m) for m in (LAG_METRIC, CPU_WAIT_METRIC)}
 
 
 async def _run(
@@ -115,7 +126,14 @@ async def _run(
     probe_interval_s: float,
     timeout_s: float,
 ) -> tuple[
-    list[c.Outcome], list[c.Outcome], list[c.Outcome], float, list[float], list[float], dict[float, float], list[float]
+    list[c.Outcome],
+    list[c.Outcome],
+    list[c.Outcome],
+    float,
+    list[float],
+    list[float],
+    dict[str, dict[float, float]],
+    list[float],
 ]:
     import aiohttp  # noqa: PLC0415
 
@@ -134,7 +152,7 @@ async def _run(
         await prober
         # storm: all images at once; text requests on a fixed clock; probes; the lag histogram around it
         scrapes: list[float] = []
-        before: dict[float, float] = {}
+        before: dict[str, dict[float, float]] = {}
         if metrics_url:
             before = await _scrape(session, metrics_url, scrapes)
             await asyncio.sleep(0.3)  # the scrape's own lag is observed before the storm, not in it
@@ -154,11 +172,13 @@ async def _run(
         stop.set()
         await prober
         storm_text = list(await asyncio.gather(*texts))
-        lag: dict[float, float] = {}
+        during: dict[str, dict[float, float]] = {}
         if metrics_url:
             after = await _scrape(session, metrics_url, scrapes)
-            lag = {le: count - before.get(le, 0.0) for le, count in after.items()}
-    return quiet, storm_text, list(images), storm_s, probes, probes_quiet, lag, scrapes
+            during = {
+                m: {le: count - before[m].get(le, 0.0) for le, count in buckets.items()} for m, buckets in after.items()
+            }
+    return quiet, storm_text, list(images), storm_s, probes, probes_quiet, during, scrapes
 
 
 def run_row(
@@ -170,7 +190,9 @@ def run_row(
     image_bodies: Sequence[bytes],
     text_body: bytes,
     arena_per_slot: int,
+    placement: str,
 ) -> Result:
+    pinned = c.Placement.split() if placement == "split" else None
     with contextlib.ExitStack() as stack:
         eng, side = start_row(
             stack,
@@ -181,7 +203,12 @@ def run_row(
             arena_per_slot=arena_per_slot,
             workers=args.workers,
             timeout_s=args.timeout_s,
+            placement=pinned,
         )
+        if pinned is not None:  # the client shares the engine's CPUs, never the sidecar's
+            everything = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, pinned.engine)
+            stack.callback(os.sched_setaffinity, 0, everything)
         target, probe_path = (eng.url, "/v1/models") if side is None else (side.url, "/healthz")
         got = asyncio.run(
             _run(
@@ -196,8 +223,17 @@ def run_row(
                 timeout_s=args.timeout_s,
             )
         )
-    quiet, storm_text, images, storm_s, probes, probes_quiet, lag, scrapes = got
-    return Result(row, quiet, storm_text, images, storm_s, probes, probes_quiet, probe_path, lag, scrapes)
+    quiet, storm_text, images, storm_s, probes, probes_quiet, during, scrapes = got
+    lag, cpu_wait = during.get(LAG_METRIC, {}), during.get(CPU_WAIT_METRIC, {})
+    return Result(
+        row, quiet, storm_text, images, storm_s, probes, probes_quiet, probe_path, lag, cpu_wait, scrapes, placement
+    )
+
+
+def _share(buckets: dict[float, float]) -> str:
+    if not buckets.get(float("inf")):
+        return "n/a"
+    return f"{100 * lag_share_above(buckets, TARGET_LAG_P99_S):.1f}%"
 
 
 def _bound(le: float) -> str:
@@ -208,6 +244,7 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
     headers = [
         "variant",
         "gate",
+        "placement",
         "text alone p50",
         "text alone p99",
         "text in storm p50",
@@ -218,6 +255,7 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
         "loop lag samples > 5 ms",
         "loop lag p99 (bucket)",
         "loop lag max (bucket)",
+        "loop CPU wait samples > 5 ms",
         "probe",
         "probe p50 quiet",
         "probe p50 storm",
@@ -233,6 +271,7 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
             [
                 r.row.label,
                 "off" if r.row.gate is None else r.row.gate,
+                r.placement,
                 c.ms(c.percentile(quiet, 50)),
                 c.ms(c.percentile(quiet, 99)),
                 c.ms(c.percentile(storm, 50)),
@@ -243,6 +282,7 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
                 f"{100 * share:.1f}% of {r.lag.get(float('inf'), 0):.0f}" if sidecar else "-",
                 _bound(lag_quantile_bound(r.lag, 0.99)) if sidecar else "-",
                 _bound(top) if sidecar else "-",
+                _share(r.cpu_wait) if sidecar else "-",
                 r.probe_path,
                 c.ms(c.percentile(r.probes_quiet, 50)),
                 c.ms(c.percentile(r.probes, 50)),
@@ -252,15 +292,19 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
         if sidecar:
             notes.append(
                 f"target: sidecar event-loop lag p99 <= 5 ms during the storm ({r.row.mode} gate={r.row.gate}, "
+                f"{r.placement} CPUs, "
                 f"mm_sidecar_event_loop_lag_seconds, {r.lag.get(float('inf'), 0):.0f} samples): "
                 f"{c.verdict(share <= 0.01)} ({100 * share:.1f}% of the samples above 5 ms; /healthz round trip "
                 f"p99 {c.ms(c.percentile(r.probes, 99))})"
             )
             notes.append(
-                f"{r.row.mode} gate={r.row.gate}: a GET /metrics took "
+                f"{r.row.mode} gate={r.row.gate}, {r.placement}: a GET /metrics took "
                 + " and ".join(c.ms(t) for t in r.scrape_s)
-                + " (it reads smaps_rollup of the sidecar's tree, arena included, on the event loop)"
             )
+    notes.append(
+        "loop CPU wait: share of the same 100 ms windows in which the loop's thread waited more than 5 ms for a CPU "
+        "(Linux schedstat); when it matches the lag share, the lag is CPU contention, not a blocked loop"
+    )
     notes.append(
         "text requests run on the engine's single model thread after whatever image work is queued there; the gate "
         "bounds that queue to `gate` image requests, the engine alone queues the whole storm ahead of them"
@@ -272,7 +316,7 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
     def draw(plt: Any) -> None:
         _fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
         for r in results:
-            label = r.row.label + ("" if r.row.gate is None else f" gate={r.row.gate}")
+            label = r.row.label + ("" if r.row.gate is None else f" gate={r.row.gate}") + f" ({r.placement})"
             ok = [o for o in r.storm_text if o.status == 200]
             t0 = min((o.started for o in r.storm_text), default=0.0)
             left.plot([o.started - t0 for o in ok], [o.seconds * 1000 for o in ok], ".-", label=label)
@@ -290,6 +334,14 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
     return c.save_plot(path, draw, enabled=enabled)
 
 
+def _with_workers(args: Any, placement: str) -> Any:
+    """Workers = the CPUs the sidecar runs on, unless --workers says otherwise."""
+    if args.workers is not None:
+        return args
+    cpus = len(c.Placement.split().sidecar) if placement == "split" else c.nproc()
+    return argparse.Namespace(**{**vars(args), "workers": cpus})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = c.base_parser(__doc__)
@@ -299,11 +351,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--text", type=int, default=20, help="text requests when quiet (default 20)")
     parser.add_argument("--text-interval-ms", type=float, default=200.0, help="text requests in the storm")
     parser.add_argument("--probe-interval-ms", type=float, default=20.0, help="event-loop probes (default 20)")
-    parser.add_argument("--workers", type=int, default=c.nproc())
+    parser.add_argument("--workers", type=int, default=None, help="offload workers (default: the sidecar's CPUs)")
+    parser.add_argument(
+        "--placements", default="shared,split", help="CPU placements to run each row in: shared, split (default both)"
+    )
     parser.add_argument("--timeout-s", type=float, default=600.0, help="longest storm (default 600)")
     parser.add_argument("--model", default=None)
     args = parser.parse_args(argv)
     rows = [Row.parse(t) for t in args.rows.split(",") if t.strip()]
+    placements = [p.strip() for p in args.placements.split(",") if p.strip()]
+    if not placements or any(p not in ("shared", "split") for p in placements):
+        parser.error(f"--placements: shared and/or split, got {args.placements!r}")
     width, height = parse_size(args.size)
 
     from preprocess.arena import reservation_size  # noqa: PLC0415
@@ -317,19 +375,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     text_body = c.chat_body(text="Say hello.")
     results = []
     with c.log_directory(args.keep_logs) as logs, c.CpuLoad() as load:
-        for row in rows:
-            print(f"[{row.label} gate={row.gate or 'off'}]", flush=True)
-            results.append(
-                run_row(
-                    row,
-                    model=model,
-                    logs=logs,
-                    args=args,
-                    image_bodies=image_bodies,
-                    text_body=text_body,
-                    arena_per_slot=reservation_size(per_image),
+        for placement in placements:
+            for row in rows:
+                print(f"[{row.label} gate={row.gate or 'off'}, {placement} CPUs]", flush=True)
+                results.append(
+                    run_row(
+                        row,
+                        model=model,
+                        logs=logs,
+                        args=_with_workers(args, placement),
+                        image_bodies=image_bodies,
+                        text_body=text_body,
+                        arena_per_slot=reservation_size(per_image),
+                        placement=placement,
+                    )
                 )
-            )
     c.check_no_leftovers()
     text, notes = table(results)
     print("\n" + text + "\n\n" + "\n".join(notes))
@@ -340,7 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.text_interval_ms:.0f} ms during the storm; /healthz (or the engine's /v1/models) probed every "
         f"{args.probe_interval_ms:.0f} ms; the sidecar's loop-lag histogram read before and after the storm",
         "engine: reference engine, 2 TP ranks, tiny Qwen2-VL, fresh per variant; offload workers = "
-        f"{args.workers}; children run with OMP_NUM_THREADS=1",
+        + ", ".join(f"{_with_workers(args, p).workers} ({p})" for p in placements)
+        + "; children run with OMP_NUM_THREADS=1; workers run at the default preprocess.worker_nice (10, SCHED_BATCH)",
+        "placements: shared = every process on every CPU; split = "
+        + (c.Placement.split().describe() if "split" in placements else "not run"),
     ]
     c.append_results(
         args.out,

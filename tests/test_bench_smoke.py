@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.gate_table import Row, sidecar_config
+
 REPO = Path(__file__).resolve().parent.parent
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
@@ -61,12 +63,28 @@ def test_gate_table(tmp_path: Path) -> None:
         "--images",
         "1",
         "--rows",
-        "engine,offload:1",
+        "engine,offload:1,passthrough:1b",
         "--workers",
         "1",
+        timeout_s=120,
     )
+    assert "| sidecar passthrough | bytes of 1 |" in text
     assert "| engine alone | off |" in text and "| sidecar offload | 1 |" in text
     assert "2/2" in text
+
+
+def test_gate_rows_by_bytes_bound_bytes_only() -> None:
+    assert Row.parse("offload:2b") == Row("offload", 2, by_bytes=True)
+    assert Row.parse("passthrough:4") == Row("passthrough", 4)
+    with pytest.raises(ValueError, match="passthrough:G"):
+        Row.parse("passthrough:0b")
+    common = {"model": Path("/m"), "requests": 96, "arena": 10 << 20, "workers": 2, "timeout_s": 60.0}
+    by_bytes = sidecar_config(Row.parse("passthrough:2b"), "http://e", rgb_per_image=6_220_800, **common)
+    assert by_bytes["gate"]["max_concurrent"] == 96 and by_bytes["gate"]["max_bytes"] == 2 * 6_220_800
+    by_count = sidecar_config(Row.parse("passthrough:2"), "http://e", rgb_per_image=6_220_800, **common)
+    assert by_count["gate"]["max_concurrent"] == 2 and "max_bytes" not in by_count["gate"]
+    offload = sidecar_config(Row.parse("offload:2b"), "http://e", **common)
+    assert offload["gate"] == {"max_concurrent": 96, "max_queue": 104, "queue_timeout_s": 60.0, "max_bytes": 10 << 20}
 
 
 def test_text_isolation(tmp_path: Path) -> None:
@@ -74,7 +92,9 @@ def test_text_isolation(tmp_path: Path) -> None:
         "text_isolation",
         tmp_path,
         "--rows",
-        "passthrough:1",
+        "passthrough:1,offload:1",
+        "--placements",
+        "split",
         "--images",
         "2",
         "--size",
@@ -83,8 +103,14 @@ def test_text_isolation(tmp_path: Path) -> None:
         "2",
         "--text-interval-ms",
         "50",
+        timeout_s=180,
     )
-    assert "| sidecar passthrough | 1 |" in text and "event-loop lag p99" in text
+    assert "| sidecar passthrough | 1 | split |" in text and "| sidecar offload | 1 | split |" in text
+    assert "event-loop lag p99" in text
+    assert "split = sidecar on CPU 0, engine and client on CPU 1" in (tmp_path / "RESULTS.md").read_text()
+    # the CPU-wait column (the 14th) holds a share of real samples on Linux, never the "no samples" marker
+    offload = next(line for line in text.splitlines() if line.startswith("| sidecar offload | 1 | split |"))
+    assert offload.split(" | ")[13].endswith("%"), offload
 
 
 def test_handoff(tmp_path: Path) -> None:
