@@ -2,12 +2,21 @@
 
 - pipeline: `preprocess.pipeline.ImagePipeline` with `--workers` worker processes (default: the
   number of cores) and an arena; each task is what offload mode sends (the image's base64 text, an
-  extent, the cost model's shapes): base64 decode, image decode, the HF processor, outputs written
-  into the extent, descriptors back; the extent is freed at once (as if the engine acked at once).
+  extent, the cost model's shapes; the text copied into the extent when it fits there, else pickled
+  through the pipe): base64 decode, image decode, the HF processor, outputs written into the
+  extent, descriptors back; the extent is freed at once (as if the engine acked at once).
   Up to 2 tasks per worker are in flight, so a worker never waits for the next task.
 - plain: the same number of spawned processes, each with the same processor loaded, each given its
   share of the same base64 texts up front, doing base64 decode + `decode` + `run_processor` and nothing
   else (outputs dropped). The clock starts when every process is loaded and told to go.
+- plain + heap policy: as many more plain processes, also running the workers' heap policy after each
+  image (`preprocess.worker.HeapKeeper`: read the anonymous RSS, malloc_trim only past the slack),
+  to price that policy alone.
+
+All three are started (processors loaded) before any is timed, and each batch is timed `--rounds`
+times per variant, interleaved: round r runs the variants in rotated order, so a slow spell of a
+shared machine falls on all of them. Rates are from each variant's median round; every row also lists
+pipeline / plain round by round.
 
     .venv/bin/python -m bench.preprocess_throughput
 """
@@ -19,6 +28,7 @@ import base64
 import contextlib
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -26,10 +36,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from preprocess.worker import HEAP_SLACK, STAGE_MAX, HeapKeeper
+
 from . import common as c
 
 TARGET_RATIO = 0.9
 SIZES = {"1080p": (1920, 1080), "12MP": (4032, 3024)}
+
+
+@dataclass(frozen=True)
+class Round:
+    """One timed batch of one variant."""
+
+    wall_s: float
+    busy_s: float  # summed over the processes: decode (base64 included) + processor (+ arena write)
+    trims: int  # images after which the process trimmed its heap
+    staged: int = 0  # images whose base64 text reached the worker in their extent (preprocess.worker.stage)
 
 
 @dataclass
@@ -37,33 +59,53 @@ class RowResult:
     preset: str
     size: str
     images: int
-    pipeline_s: float
-    plain_s: float
-    trim_s: float  # plain processes that also malloc_trim(0) after each image, as the workers do
+    workers: int
     out_bytes: int
-    pipeline_busy: float  # share of workers x wall spent in decode + processor + arena write
-    plain_busy: float
+    pipeline: list[Round]
+    plain: list[Round]
+    policy: list[Round]  # plain processes that also run the workers' heap policy (HeapKeeper)
+
+    def _rate(self, rounds: list[Round]) -> float:
+        return self.images / statistics.median(r.wall_s for r in rounds)
+
+    def _busy(self, rounds: list[Round]) -> float:
+        return sum(r.busy_s for r in rounds) / (sum(r.wall_s for r in rounds) * self.workers)
 
     @property
     def pipeline_rate(self) -> float:
-        return self.images / self.pipeline_s
+        return self._rate(self.pipeline)
 
     @property
     def plain_rate(self) -> float:
-        return self.images / self.plain_s
+        return self._rate(self.plain)
 
     @property
-    def trim_rate(self) -> float:
-        return self.images / self.trim_s
+    def policy_rate(self) -> float:
+        return self._rate(self.policy)
+
+    @property
+    def ratio(self) -> float:
+        return self.pipeline_rate / self.plain_rate
+
+    @property
+    def round_ratios(self) -> list[float]:
+        return [q.wall_s / p.wall_s for p, q in zip(self.pipeline, self.plain, strict=True)]
+
+    @property
+    def pipeline_busy(self) -> float:
+        return self._busy(self.pipeline)
+
+    @property
+    def plain_busy(self) -> float:
+        return self._busy(self.plain)
 
 
 def _plain_main(preset: str, conn: Any, trim: bool) -> None:
     import binascii  # noqa: PLC0415
-    import ctypes  # noqa: PLC0415
 
     from preprocess.processors import decode, load_processor, run_processor  # noqa: PLC0415
 
-    malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim if trim else None
+    heap = HeapKeeper() if trim else None
     processor = load_processor(preset)
     conn.send("ready")
     while True:
@@ -78,14 +120,15 @@ def _plain_main(preset: str, conn: Any, trim: bool) -> None:
         if conn.recv() != "go":
             return
         busy = 0.0
+        trims = 0
         for text in texts:
             started = time.perf_counter()
             outputs = run_processor(processor, decode(binascii.a2b_base64(text.encode("ascii"), strict_mode=True)))
             busy += time.perf_counter() - started
             del outputs
-            if malloc_trim is not None:
-                malloc_trim(0)
-        conn.send(("done", busy))
+            if heap is not None:
+                trims += heap.after_image()
+        conn.send(("done", busy, trims))
 
 
 class Plain:
@@ -110,8 +153,8 @@ class Plain:
             self.close()
             raise
 
-    def run(self, texts: Sequence[str]) -> tuple[float, float]:
-        """(wall seconds, seconds the processes spent decoding and processing, summed)."""
+    def run(self, texts: Sequence[str]) -> tuple[float, float, int]:
+        """(wall seconds, seconds the processes spent decoding and processing, heap trims), summed."""
         shares = [list(texts[i :: len(self.conns)]) for i in range(len(self.conns))]
         for conn, share in zip(self.conns, shares, strict=True):
             conn.send(share)
@@ -121,13 +164,15 @@ class Plain:
         for conn in self.conns:
             conn.send("go")
         busy = 0.0
+        trims = 0
         for conn in self.conns:
             if not conn.poll(600):
                 raise RuntimeError("a plain process took more than 600 s")
-            kind, seconds = conn.recv()
+            kind, seconds, trimmed = conn.recv()
             assert kind == "done"
             busy += seconds
-        return time.perf_counter() - started, busy
+            trims += trimmed
+        return time.perf_counter() - started, busy, trims
 
     def close(self) -> None:
         for conn in self.conns:
@@ -142,12 +187,19 @@ class Plain:
             conn.close()
 
 
-async def run_pipeline(
-    preset: str, workers: int, batches: dict[str, list[str]], dims: dict[str, tuple[int, int]], instance: str
-) -> dict[str, tuple[float, float]]:
-    """(wall, busy) seconds per batch label through one ImagePipeline (processor loaded once for all batches).
+async def _interleaved(
+    preset: str,
+    workers: int,
+    batches: dict[str, list[str]],
+    dims: dict[str, tuple[int, int]],
+    *,
+    instance: str,
+    rounds: int,
+    plains: dict[str, Plain],
+) -> dict[str, dict[str, list[Round]]]:
+    """label -> variant -> its rounds: one ImagePipeline (processor loaded once) and the loaded plain processes.
 
-    busy: what the workers report they spent decoding (base64 included), processing and writing.
+    A plain batch runs in a thread while the pipeline's workers wait for tasks, and the other way round.
     """
     from preprocess.arena import reservation_size  # noqa: PLC0415
     from preprocess.cost import output_nbytes, output_shapes  # noqa: PLC0415
@@ -163,44 +215,65 @@ async def run_pipeline(
     pipeline = ImagePipeline(
         processor=preset, workers=workers, task_timeout_s=300, instance=instance, directory="/dev/shm", size=size
     )
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, dict[str, list[Round]]] = {}
     await pipeline.start()
     try:
         for label, texts in batches.items():
             slots = asyncio.Semaphore(in_flight)
 
-            async def one(text: str, label: str = label, slots: asyncio.Semaphore = slots) -> float:
+            async def one(text: str, label: str = label, slots: asyncio.Semaphore = slots) -> tuple[float, bool, bool]:
                 async with slots:
                     hold = pipeline.reserve(need[label])
                     assert hold is not None, "the arena is sized for every task in flight"
+                    staged = len(text) <= min(hold.extent.capacity, STAGE_MAX)  # as stage() decides
                     try:
                         done = await pipeline.process(hold, text, shapes[label])
                     finally:
                         hold.release()
-                    return done.result.decode_s + done.result.preprocess_s + done.result.write_s
+                    r = done.result
+                    return r.decode_s + r.preprocess_s + r.write_s, r.heap_trimmed, staged
 
-            # warm-up: one task per worker (the first call in a process pays for lazy imports)
+            async def piped(texts: list[str] = texts) -> Round:
+                started = time.perf_counter()
+                done = await asyncio.gather(*(one(t) for t in texts))
+                wall = time.perf_counter() - started
+                return Round(wall, sum(d[0] for d in done), sum(d[1] for d in done), sum(d[2] for d in done))
+
+            async def plain(proc: Plain, texts: list[str] = texts) -> Round:
+                return Round(*await asyncio.to_thread(proc.run, texts))
+
+            # warm-up: one task per process (the first call in a process pays for lazy imports)
             await asyncio.gather(*(one(texts[0]) for _ in range(workers)))
-            started = time.perf_counter()
-            busy = await asyncio.gather(*(one(t) for t in texts))
-            out[label] = (time.perf_counter() - started, sum(busy))
+            for proc in plains.values():
+                await asyncio.to_thread(proc.run, [texts[0]] * workers)
+            variants = ["pipeline", *plains]
+            got: dict[str, list[Round]] = {name: [] for name in variants}
+            for n in range(rounds):
+                for name in variants[n % len(variants) :] + variants[: n % len(variants)]:
+                    got[name].append(await (piped() if name == "pipeline" else plain(plains[name])))
+            out[label] = got
     finally:
         await pipeline.close()
     return out
 
 
-def run_plain(
-    preset: str, workers: int, batches: dict[str, list[str]], *, trim: bool
-) -> dict[str, tuple[float, float]]:
-    plain = Plain(preset, workers, trim=trim)
-    try:
-        out = {}
-        for label, texts in batches.items():
-            plain.run([texts[0]] * workers)  # warm-up, as for the pipeline
-            out[label] = plain.run(texts)
-        return out
-    finally:
-        plain.close()
+def run_preset(
+    preset: str,
+    workers: int,
+    batches: dict[str, list[str]],
+    dims: dict[str, tuple[int, int]],
+    *,
+    instance: str,
+    rounds: int,
+) -> dict[str, dict[str, list[Round]]]:
+    with contextlib.ExitStack() as stack:
+        plains: dict[str, Plain] = {}
+        for name, trim in (("plain", False), ("policy", True)):
+            plains[name] = Plain(preset, workers, trim=trim)
+            stack.callback(plains[name].close)
+        return asyncio.run(
+            _interleaved(preset, workers, batches, dims, instance=instance, rounds=rounds, plains=plains)
+        )
 
 
 def table(results: Sequence[RowResult], workers: int) -> tuple[str, list[str]]:
@@ -213,13 +286,17 @@ def table(results: Sequence[RowResult], workers: int) -> tuple[str, list[str]]:
         f"plain ({workers} processes) img/s",
         "pipeline / plain",
         "target >= 0.9x",
-        "plain + malloc_trim img/s",
+        "pipeline / plain by round",
+        "plain + heap policy img/s",
+        "heap trims: workers / plain + policy",
+        "base64 to workers via",
         "workers busy",
         "plain busy",
     ]
     rows = []
     for r in results:
-        ratio = r.pipeline_rate / r.plain_rate
+        timed = r.images * len(r.pipeline)
+        staged = sum(x.staged for x in r.pipeline)
         rows.append(
             [
                 r.preset,
@@ -228,20 +305,30 @@ def table(results: Sequence[RowResult], workers: int) -> tuple[str, list[str]]:
                 c.size(r.out_bytes),
                 f"{r.pipeline_rate:.2f}",
                 f"{r.plain_rate:.2f}",
-                f"{ratio:.2f}x",
-                c.verdict(ratio >= TARGET_RATIO),
-                f"{r.trim_rate:.2f} ({r.trim_rate / r.plain_rate:.2f}x)",
+                f"{r.ratio:.2f}x",
+                c.verdict(r.ratio >= TARGET_RATIO),
+                " ".join(f"{x:.2f}" for x in r.round_ratios),
+                f"{r.policy_rate:.2f} ({r.policy_rate / r.plain_rate:.2f}x)",
+                f"{sum(x.trims for x in r.pipeline)} / {sum(x.trims for x in r.policy)} of {timed}",
+                "extent" if staged == timed else "pipe" if staged == 0 else f"extent {staged}/{timed}",
                 f"{100 * r.pipeline_busy:.0f}%",
                 f"{100 * r.plain_busy:.0f}%",
             ]
         )
-    met = all(r.pipeline_rate / r.plain_rate >= TARGET_RATIO for r in results)
+    met = all(r.ratio >= TARGET_RATIO for r in results)
     notes = [
         f"target: pipeline >= 0.9x the plain processes on every row: {c.verdict(met)}",
         "busy = time the processes spent decoding (base64 included), running the processor and (workers) writing "
         "the arena, over processes x wall time; the rest of a worker's time is the task's trip (the parent "
-        "dispatches a worker's next task when its previous result arrives, and pickles the base64 text to it), "
-        "and the malloc_trim(0) each worker runs after each image ('plain + malloc_trim' prices that alone)",
+        "dispatches a worker's next task when its previous result arrives; the base64 text goes in the task's "
+        "extent when it fits there, else through the pipe) and the heap policy after each image",
+        "heap policy (preprocess.worker.HeapKeeper): after each image a worker reads its anonymous RSS and "
+        f"runs malloc_trim(0) only when it is more than {HEAP_SLACK // c.MiB} MiB above its level after its last "
+        "trim (and always after its first image, here in the warm-up); 'plain + heap policy' runs the same "
+        "policy in the plain processes, to price it alone; trims are counted over the timed images of all rounds",
+        "base64 to workers via: 'extent' where the text fits the extent reserved for the image's outputs (and "
+        f"preprocess.worker.STAGE_MAX = {STAGE_MAX // c.MiB} MiB), copied there by the parent instead of pickled "
+        "through the pipe; the plain processes got theirs up front, outside the clock",
     ]
     return c.markdown_table(headers, rows), notes
 
@@ -272,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images-1080p", type=int, default=32, dest="n_1080p")
     parser.add_argument("--images-12mp", type=int, default=8, dest="n_12mp")
     parser.add_argument("--workers", type=int, default=c.nproc(), help="workers and plain processes (default nproc)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed batches per variant, interleaved (default 5)")
     args = parser.parse_args(argv)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     labels = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -291,31 +379,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[RowResult] = []
     with c.CpuLoad() as load:
         for n, preset in enumerate(presets):
-            print(f"[{preset}] pipeline...", flush=True)
-            piped = asyncio.run(run_pipeline(preset, args.workers, batches, dims, f"bench{os.getpid()}x{n}"))
-            print(f"[{preset}] plain processes...", flush=True)
-            plain = run_plain(preset, args.workers, batches, trim=False)
-            print(f"[{preset}] plain processes with malloc_trim...", flush=True)
-            trimmed = run_plain(preset, args.workers, batches, trim=True)
+            print(f"[{preset}] pipeline, plain processes, plain + heap policy: {args.rounds} rounds...", flush=True)
+            runs = run_preset(
+                preset, args.workers, batches, dims, instance=f"bench{os.getpid()}x{n}", rounds=args.rounds
+            )
             spec = read_spec(resolve_processor(preset))
             for label in labels:
-                (p_wall, p_busy), (q_wall, q_busy) = piped[label], plain[label]
+                got = runs[label]
                 results.append(
                     RowResult(
                         preset,
                         label,
                         counts[label],
-                        pipeline_s=p_wall,
-                        plain_s=q_wall,
-                        trim_s=trimmed[label][0],
-                        out_bytes=output_nbytes(spec, *SIZES[label]),
-                        pipeline_busy=p_busy / (p_wall * args.workers),
-                        plain_busy=q_busy / (q_wall * args.workers),
+                        args.workers,
+                        output_nbytes(spec, *SIZES[label]),
+                        pipeline=got["pipeline"],
+                        plain=got["plain"],
+                        policy=got["policy"],
                     )
                 )
+                r = results[-1]
                 print(
-                    f"  {label}: pipeline {results[-1].pipeline_rate:.2f} img/s, plain "
-                    f"{results[-1].plain_rate:.2f} img/s",
+                    f"  {label}: pipeline {r.pipeline_rate:.2f} img/s, plain {r.plain_rate:.2f} img/s "
+                    f"(by round: {' '.join(f'{x:.2f}' for x in r.round_ratios)})",
                     flush=True,
                 )
     c.check_no_leftovers()
@@ -330,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for label in labels
         ),
         f"presets as shipped (qwen2-vl max_pixels 12845056: no downscale; llava-1.5: CLIP 336); {args.workers} "
-        "workers = plain processes; OMP_NUM_THREADS as inherited; one warm-up task per worker first",
+        "workers = plain processes; OMP_NUM_THREADS as inherited; one warm-up task per process first; "
+        f"{args.rounds} rounds per variant, interleaved in rotated order; rates from each variant's median round",
     ]
     c.append_results(
         args.out,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .arena import Arena, ArenaStats, Extent, segment_name, unlink_stale
 from .pool import WorkerPool, WorkerPoolStats
 from .protocol import TensorDescriptor
-from .worker import ImageResult, ImageTask, Shapes, WorkerSetup, WorkerState, process_image
+from .worker import ImageResult, ImageTask, Shapes, WorkerSetup, WorkerState, process_image, stage
 
 log = logging.getLogger("mm_sidecar.pipeline")
 
@@ -163,8 +163,10 @@ class ImagePipeline:
         the worker can no longer write them.
         """
         assert self.pool is not None and self.arena is not None, "start() first"
+        # Before the hold is marked unsettled: if the copy fails, the extent is still freed on release.
+        payload = stage(self.arena, hold.extent, data)
         hold.settled = False
-        result = await self.pool.run(ImageTask(data, hold.extent, expected), on_settled=hold.settle)
+        result = await self.pool.run(ImageTask(payload, hold.extent, expected), on_settled=hold.settle)
         self.arena.publish(hold.extent, result.used_nbytes)
         tensors = {name: TensorDescriptor.from_json(d) for name, d in result.tensors.items()}
         return Processed(tensors, result)

@@ -195,6 +195,8 @@ class WorkerPool(Generic[S, T, R]):
         """Run `payload` in a worker. If the caller is cancelled while the task runs, the task
         still runs to its end and `on_settled` is called then (see the module docstring)."""
         if self._closed or self._loop is None:
+            if on_settled is not None:  # nothing was sent: nothing can be writing for it
+                on_settled()
             raise PoolClosed("the preprocessing pool is not running")
         task: _Task[T, R] = _Task(payload, self._loop.create_future(), on_settled)
         self._queue.append(task)

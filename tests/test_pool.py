@@ -205,3 +205,13 @@ async def test_nice_zero_leaves_workers_as_the_parent() -> None:
         assert os.sched_getscheduler(pid) == os.sched_getscheduler(0)
     finally:
         await pool.close()
+
+
+async def test_a_task_refused_by_a_closed_pool_is_settled_at_once() -> None:
+    # The caller frees the task's memory in on_settled: a refusal must call it, or the extent leaks.
+    pool = await make_pool(1)
+    await pool.close()
+    settled: list[bool] = []
+    with pytest.raises(PoolClosed):
+        await pool.run(("ok", 0, ""), on_settled=lambda: settled.append(True))
+    assert settled == [True]
