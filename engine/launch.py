@@ -1,8 +1,10 @@
 """`mm-sidecar engine`: start the rank processes of the reference engine and supervise them.
 
 The launcher spawns `tp` rank processes joined by torch.distributed (gloo on CPU, nccl when CUDA
-is present). Rank 0 serves HTTP; the others follow its commands. If any rank dies, the launcher
-stops the rest and exits non-zero (an engine is all ranks or nothing); SIGTERM/SIGINT stop them all.
+is present) for the model's tensors, and by a pipe between rank 0 and each other rank for commands
+(engine/ranks.py says why). Rank 0 serves HTTP; the others follow its commands. If any rank dies,
+the launcher stops the rest and exits non-zero (an engine is all ranks or nothing); SIGTERM/SIGINT
+stop them all.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 log = logging.getLogger("mm_engine")
 
@@ -29,6 +32,13 @@ class EngineConfig:
     uds: str | None = None
     shm_dir: str = "/dev/shm"
     checksums: bool = False
+    # Per rank: the most host memory its staging pool keeps for handed-off tensors, in use and cached
+    # (engine/staging.py; the same default as engine.staging.DEFAULT_CAP_BYTES, not imported: torch).
+    staging_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        if self.staging_bytes < 0:
+            raise ValueError(f"staging_bytes: must be >= 0, got {self.staging_bytes}")
 
 
 def _free_port() -> int:
@@ -38,7 +48,7 @@ def _free_port() -> int:
         return port
 
 
-def _rank_main(rank: int, config: EngineConfig, master_port: int) -> None:
+def _rank_main(rank: int, config: EngineConfig, master_port: int, links: list[Connection]) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -47,11 +57,18 @@ def _rank_main(rank: int, config: EngineConfig, master_port: int) -> None:
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(config.tp),
     )
+    # Torch's CPU allocator reads this once, when torch loads: allocations of 2 MiB and more are then
+    # 2 MiB-aligned and madvised as transparent huge pages, so a fresh tensor (the inline path's
+    # pixel_values, build_inputs' concatenation, a copy the staging pool has no room for) faults once
+    # per 2 MiB instead of once per 4 KiB page: 50 MB copied into a fresh tensor went from 2.2 to 5.9
+    # GB/s (bench/RESULTS.md, handoff). An operator's own setting wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     import torch  # noqa: PLC0415 - heavy: only in the rank processes
     import torch.distributed as dist  # noqa: PLC0415
 
     from .model import VLModel  # noqa: PLC0415
     from .ranks import Rank  # noqa: PLC0415
+    from .staging import StagingPool  # noqa: PLC0415
 
     device = "cpu"
     if config.tp > 1:
@@ -61,7 +78,14 @@ def _rank_main(rank: int, config: EngineConfig, master_port: int) -> None:
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
     model = VLModel.load(config.model, tp=config.tp > 1, device=device)
-    state = Rank(model=model, shm_dir=config.shm_dir, world=config.tp, rank=rank)
+    state = Rank(
+        model=model,
+        shm_dir=config.shm_dir,
+        world=config.tp,
+        rank=rank,
+        links=links,
+        staging=StagingPool(config.staging_bytes),
+    )
     try:
         if rank == 0:
             asyncio.run(_serve(state, config))
@@ -105,9 +129,16 @@ def run_engine(config: EngineConfig) -> int:
     """Start the ranks and wait; returns the exit code."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, config, port), name=f"rank{r}") for r in range(config.tp)]
+    pipes = [ctx.Pipe(duplex=True) for _ in range(1, config.tp)]
+    links: list[list[Connection]] = [[leader for leader, _ in pipes]] + [[follower] for _, follower in pipes]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, config, port, links[r]), name=f"rank{r}") for r in range(config.tp)
+    ]
     for p in procs:
         p.start()
+    for pair in pipes:  # the ranks hold their ends now: a rank that dies must leave its peer reading EOF
+        for end in pair:
+            end.close()
 
     stopping = False
 

@@ -1,14 +1,29 @@
-"""The reference engine's ranks: one process group, commands from rank 0, and the tensor handoff.
+"""The reference engine's ranks: commands from rank 0, and the tensor handoff.
 
 Rank 0 runs the HTTP server; every rank runs the model. Rank 0's single model thread issues each
-command by broadcasting it (a small object: `broadcast_object_list`) and then executing it itself,
-so every rank executes the same commands in the same order, which tensor parallelism requires.
+command by sending it to every other rank and then executing it itself, so every rank executes the
+same commands in the same order, which tensor parallelism requires.
+
+Commands and the handoff's agreement travel on `links`: one `multiprocessing` pipe between rank 0 and
+each other rank, made by the launcher. The process group (gloo or NCCL) carries only tensors: the
+model's own collectives and the baseline's `Broadcast`. Why not the process group for the small
+messages too: each gloo collective hops to gloo's worker thread and back on both ranks, and on 2 CPU
+ranks a command broadcast plus an all-reduce took 0.48 ms where a pipe message out and a reply back
+take 0.08 ms (`broadcast_object_list`, two collectives, took 0.45 ms alone). A rank that dies closes
+its end, so the others see EOF at once instead of waiting out a collective's timeout.
 
 The handoff (`Copy`): rank 0 sends only the descriptors. Each rank attaches the sidecar's arena
 once, validates every descriptor, copies each tensor out of shared memory into its own memory
-(`ArenaReader.copy_out` re-checks the generation after copying), drops every view, and the ranks
-agree with an all-reduce that all of them succeeded. Only then does rank 0 answer headers: that is
-the ack that lets the sidecar free the extent. If any rank failed, every rank drops what it copied.
+(`ArenaReader.copy_out` re-checks the generation after copying) and drops every view. Then the ranks
+agree: every other rank reports to rank 0 whether it succeeded, and rank 0 sends every rank the
+verdict. Only when all succeeded does rank 0 answer headers: that is the ack that lets the sidecar
+free the extent. If any rank failed, every rank drops what it copied.
+
+On the CPU the copies land in buffers of the rank's `StagingPool` (engine/staging.py): memory kept
+from one request to the next, whose pages are already faulted in. They go back to the pool when the
+request's tensors are consumed (after `Generate`) or dropped (`Drop`, a failed handoff, `Stop`). On
+an accelerator the copy goes straight to device memory, which torch's caching allocator already
+keeps warm.
 
 The baseline (`Broadcast`): images that arrived inline were preprocessed by rank 0 in its API
 process, as in-process engines do, and their tensors are broadcast to the other ranks.
@@ -18,7 +33,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -27,6 +45,7 @@ import torch.distributed as dist
 from preprocess.protocol import ArenaReader, DescriptorError, TensorDescriptor
 
 from .model import VLModel
+from .staging import Buffer, StagingPool
 
 log = logging.getLogger("mm_engine.ranks")
 
@@ -86,27 +105,39 @@ class Rank:
     shm_dir: str
     world: int
     rank: int
+    # Rank 0: its pipe to each other rank, in rank order. Any other rank: its pipe to rank 0.
+    links: Sequence[Connection] = ()
+    staging: StagingPool = field(default_factory=StagingPool)
     staged: dict[str, Images] = field(default_factory=dict)
     reader: ArenaReader = field(init=False)
+    # The staging buffers under each request's staged tensors, given back when those are dropped.
+    _lent: dict[str, list[Buffer]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        expected = 0 if self.world == 1 else self.world - 1 if self.rank == 0 else 1
+        if len(self.links) != expected:
+            raise ValueError(f"rank {self.rank} of {self.world} needs {expected} link(s), got {len(self.links)}")
         self.reader = ArenaReader(self.shm_dir)
 
     # -- rank 0: issue a command to every rank --------------------------------------------------
     def issue(self, command: Command, tensors: Images | None = None) -> Any:
-        """Rank 0 only, on its model thread: broadcast `command`, then run it here."""
-        if self.world > 1:
-            dist.broadcast_object_list([command], src=0)
+        """Rank 0 only, on its model thread: send `command` to every other rank, then run it here."""
+        for link in self.links:
+            link.send(command)
         return self.execute(command, tensors)
 
     # -- every rank ----------------------------------------------------------------------------
     def follow(self) -> None:
-        """Ranks > 0: execute rank 0's commands until Stop."""
+        """Ranks > 0: execute rank 0's commands until Stop (or until rank 0 is gone)."""
+        (leader,) = self.links
         while True:
-            box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=0)
-            command = box[0]
+            try:
+                command: Command = leader.recv()
+            except EOFError:
+                log.warning("rank %d: rank 0 closed its link; stopping", self.rank)
+                command = Stop()
             if isinstance(command, Stop):
+                self.execute(command)
                 return
             try:
                 self.execute(command)
@@ -120,43 +151,104 @@ class Rank:
         if isinstance(command, Broadcast):
             return self._broadcast(command, tensors)
         if isinstance(command, Generate):
-            images = self.staged.pop(command.request, [])
-            inputs = self.model.build_inputs(command.messages, images)
-            return self.model.generate(inputs, max_new_tokens=command.max_new_tokens)
+            return self._generate(command)
         if isinstance(command, Drop):
-            self.staged.pop(command.request, None)
+            self._release(command.request)
             return None
+        if isinstance(command, Stop):
+            for request in list(self.staged):
+                self._release(request)
+            self.staging.clear()
         return None
 
+    def _generate(self, command: Generate) -> list[int]:
+        buffers = self._lent.pop(command.request, [])
+        try:
+            return self._forward(command)
+        except BaseException as exc:
+            # The traceback's frames hold the staged tensors (views of `buffers`); without clearing
+            # them the pool sees its buffers still referenced and has to give up on reusing them.
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        finally:
+            self.staging.give(buffers)
+
+    def _forward(self, command: Generate) -> list[int]:
+        # The staged tensors die with this frame. build_inputs concatenates them into new tensors, so
+        # the model never holds a view of a staging buffer, and generate() is synchronous: once this
+        # returns, the buffers are free to go back to the pool.
+        images = self.staged.pop(command.request, [])
+        inputs = self.model.build_inputs(command.messages, images)
+        return self.model.generate(inputs, max_new_tokens=command.max_new_tokens)
+
+    def _release(self, request: str) -> None:
+        """Drop a request's staged tensors, then give their buffers back (in that order: see StagingPool.give)."""
+        self.staged.pop(request, None)
+        self.staging.give(self._lent.pop(request, []))
+
+    def _copy_one(self, desc: TensorDescriptor, buffers: list[Buffer], device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return self.reader.copy_out(desc, device)
+        buffer = self.staging.take(desc.nbytes)
+        buffers.append(buffer)  # before the copy: a failed copy gives it back too
+        return self.reader.copy_out(desc, out=buffer.view(desc.shape, getattr(torch, desc.dtype)))
+
     def _copy(self, command: Copy) -> list[list[dict[str, str]]]:
+        self._release(command.request)  # a repeated request id replaces what it had staged
         images: Images = []
+        buffers: list[Buffer] = []
         sums: list[dict[str, str]] = []
-        error = ""
+        error, status = "", 400
         try:
             for image in command.images:
                 for desc in image.values():
                     self.reader.validate(desc)  # every descriptor, before anything is read
+            device = self.model.device
             for image in command.images:
-                copied = {name: self.reader.copy_out(desc, self.model.device) for name, desc in image.items()}
+                copied = {name: self._copy_one(desc, buffers, device) for name, desc in image.items()}
                 images.append(copied)
                 if command.checksums:
                     sums.append({name: checksum(t) for name, t in copied.items()})
         except (DescriptorError, OSError, ValueError) as exc:
             error = str(exc)
-        ok = torch.tensor([0 if error else 1], dtype=torch.int32)
-        gathered: list[Any] = [sums]
-        if self.world > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if command.checksums:  # every rank has the same command: they agree on whether to gather
-                gathered = [None] * self.world
-                dist.all_gather_object(gathered, sums)
-        if not int(ok.item()):
+        except Exception as exc:
+            # Anything else (a failed allocation) must still reach the agreement, or the other ranks
+            # would wait for this one's report forever.
+            log.exception("rank %d: copying %s failed", self.rank, command.request)
+            error, status = f"rank {self.rank}: {type(exc).__name__}: {exc}", 500
+        except BaseException:
             images.clear()
-            raise HandoffError(error or "another rank could not read the tensors")
+            self.staging.give(buffers)  # the traceback may still hold a view: the pool then lets it go
+            raise
+        agreed, gathered = self._agree(not error, sums)
+        if not agreed:
+            # Drop every view first (`copied` still names the last image's): the pool reuses a buffer
+            # only when nothing points into it any more.
+            images.clear()
+            copied = {}
+            self.staging.give(buffers)
+            raise HandoffError(error or "another rank could not read the tensors", status)
         self.staged[command.request] = images
+        self._lent[command.request] = buffers
         return gathered
 
+    def _agree(self, ok: bool, sums: list[dict[str, str]]) -> tuple[bool, list[list[dict[str, str]]]]:
+        """Whether every rank succeeded, known to every rank; rank 0 also gets every rank's checksums."""
+        if self.world == 1:
+            return ok, [sums]
+        if self.rank:
+            (leader,) = self.links
+            leader.send((ok, sums))
+            verdict: bool = leader.recv()
+            return verdict, []
+        reports: list[tuple[bool, list[dict[str, str]]]] = [link.recv() for link in self.links]
+        agreed = ok and all(report_ok for report_ok, _ in reports)
+        for link in self.links:
+            link.send(agreed)
+        return agreed, [sums, *(report_sums for _, report_sums in reports)]
+
     def _broadcast(self, command: Broadcast, tensors: Images | None) -> None:
+        self._release(command.request)
         images: Images = []
         for index, layout in enumerate(command.images):
             received: dict[str, torch.Tensor] = {}

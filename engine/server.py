@@ -131,7 +131,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # The headers now go out: the ack. Every rank holds its own copy of the tensors.
     response = web.StreamResponse(headers=headers)
     response.content_type = "text/event-stream" if stream else "application/json"
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except BaseException:
+        # The client is gone before the ack: no Generate will consume what every rank staged.
+        await asyncio.shield(_model(app, Drop(request_id)))
+        raise
     try:
         tokens = await _model(app, Generate(request_id, messages, max_tokens))
     except Exception as exc:  # the status line is gone: report in the body

@@ -61,6 +61,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
+def _size(text: str) -> int:
+    try:
+        return cfg.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_engine(args: argparse.Namespace) -> int:
     # The one place that knows both sides: the sidecar's runtime never imports the engine.
     from engine.launch import EngineConfig, run_engine  # noqa: PLC0415
@@ -73,6 +80,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         uds=args.uds,
         shm_dir=args.shm_dir,
         checksums=args.report_checksums,
+        staging_bytes=args.staging_bytes,
     )
     return run_engine(config)
 
@@ -198,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         dest="report_checksums",
         help="answer x-mm-tensor-sha256 with each rank's checksums of the tensors it received (tests)",
+    )
+    p.add_argument(
+        "--staging-bytes",
+        type=_size,
+        default=256 << 20,
+        dest="staging_bytes",
+        help="warm host memory each rank keeps for handed-off tensors, in use and cached (default 256MiB)",
     )
     p.set_defaults(func=_cmd_engine)
 
