@@ -263,6 +263,19 @@ def sidecar(
 
 
 @contextlib.contextmanager
+def bare_proxy(upstream: str, log_dir: Path) -> Iterator[Service]:
+    """`bench/bare_proxy.py` in front of `upstream`: the floor any aiohttp proxy pays (proxy_overhead)."""
+    port = free_port()
+    argv = [_python(), "-m", "bench.bare_proxy", "--port", str(port), "--upstream", upstream]
+    service = start_service(f"bare-proxy-{port}", argv, f"http://127.0.0.1:{port}", log_dir)
+    try:
+        wait_http(service, "/health", 60)
+        yield service
+    finally:
+        stop_service(service)
+
+
+@contextlib.contextmanager
 def echo_upstream(log_dir: Path, *, tokens: int = 1) -> Iterator[Service]:
     """The built-in echo engine (`mm-sidecar echo-upstream`) as a process of its own."""
     port = free_port()

@@ -76,6 +76,7 @@ class PoolStats:
     queued: int
     max_concurrent: int
     max_bytes: int
+    max_queue: int
 
 
 @dataclass(slots=True)
@@ -122,6 +123,7 @@ class SlotPool:
             queued=len(self._waiters),
             max_concurrent=self.max_concurrent,
             max_bytes=self.max_bytes,
+            max_queue=self.max_queue,
         )
 
     def _notify(self) -> None:

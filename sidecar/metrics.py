@@ -6,6 +6,8 @@ here, so prometheus_client's multiprocess mode is never needed.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .gate import PoolStats
@@ -18,6 +20,7 @@ _QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.slots_in_use = Gauge(
             "mm_sidecar_slots_in_use", "Multimodal requests holding a gate slot", registry=registry
         )
@@ -27,6 +30,7 @@ class Metrics:
         )
         self.capacity_bytes = Gauge("mm_sidecar_capacity_bytes", "gate.max_bytes", registry=registry)
         self.queue_depth = Gauge("mm_sidecar_queue_depth", "Multimodal requests waiting for a slot", registry=registry)
+        self.queue_capacity = Gauge("mm_sidecar_queue_capacity", "gate.max_queue", registry=registry)
         self.inflight = Gauge("mm_sidecar_inflight_requests", "API requests being served", registry=registry)
         self.queue_wait = Histogram(
             "mm_sidecar_queue_wait_seconds",
@@ -115,6 +119,20 @@ class Metrics:
         self.queue_depth.set(stats.queued)
         self.slots_capacity.set(stats.max_concurrent)
         self.capacity_bytes.set(stats.max_bytes)
+        self.queue_capacity.set(stats.max_queue)
 
     def upstream_status(self, status: int | None) -> None:
-        self.upstream_responses.labels("error" if status is None else f"{status // 100}xx").inc()
+        self._child(self.upstream_responses, "error" if status is None else f"{status // 100}xx").inc()
+
+    def request_done(self, family: str, kind: str, outcome: str, seconds: float) -> None:
+        self._child(self.requests, family, kind, outcome).inc()
+        self._child(self.request_duration, family, kind).observe(seconds)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # `labels()` validates and locks on every call; on the text path that is a few microseconds
+        # per request for the same handful of label sets, so keep the children.
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child

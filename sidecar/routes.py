@@ -7,9 +7,9 @@ released at the engine's ack (see `upstream.py`) or on whatever else ends the re
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -33,7 +33,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 def request_id_of(request: web.Request) -> str:
     """Keep a sane client `x-request-id` (for tracing across the hop), else make one."""
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else os.urandom(16).hex()  # uuid4's randomness, a tenth of its cost
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -84,8 +84,7 @@ class ApiHandler:
         finally:
             app[BODIES].give(charged[0])
             kind = request.get(KIND, "text")
-            metrics.requests.labels(self.route.family, kind, outcome).inc()
-            metrics.request_duration.labels(self.route.family, kind).observe(time.monotonic() - started)
+            metrics.request_done(self.route.family, kind, outcome, time.monotonic() - started)
 
     async def _handle(self, request: web.Request, request_id: str, charged: list[int]) -> web.StreamResponse:
         app = request.app

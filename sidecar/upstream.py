@@ -155,7 +155,8 @@ class Upstream:
     async def _open(self, fwd: Forward, deadline: float | None) -> AsyncIterator[aiohttp.ClientResponse]:
         """The engine's response (headers read); `deadline` bounds the wait for them (loop time)."""
         try:
-            async with asyncio.timeout_at(deadline):
+            # Text has no deadline: skip the timeout's bookkeeping on its path.
+            async with asyncio.timeout_at(deadline) if deadline is not None else contextlib.nullcontext():
                 resp = await self.session.request(
                     fwd.method, self.base + fwd.path_qs, data=fwd.body, headers=fwd.headers, allow_redirects=False
                 )
