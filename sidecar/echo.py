@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,8 @@ class EchoStats:
     requests: int = 0
     multimodal_held: int = 0  # multimodal requests received and not yet past their first chunk
     max_multimodal_held: int = 0
-    bodies: list[dict[str, Any]] = field(default_factory=list)
+    # The latest request bodies (tests read them); bounded, so a long-running echo-upstream does not grow.
+    bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
 
 
 def _is_multimodal(body: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,8 +35,14 @@ def run_bench(name: str, out: Path, *args: str, timeout_s: float = 60) -> str:
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
+        # SIGINT first: the benchmark's `finally` blocks stop the engines and sidecars it started
+        # (each in a session of its own, which a kill of the benchmark alone would leave running).
+        proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
         pytest.fail(f"bench.{name} ran past {timeout_s} s:\n{output.decode(errors='replace')[-4000:]}")
     text = output.decode(errors="replace")
     assert proc.returncode == 0, f"bench.{name} exited {proc.returncode}:\n{text[-4000:]}"

@@ -279,7 +279,7 @@ async def test_text_is_passed_through_unchanged(stack: StackFactory) -> None:
     raw = orjson.dumps(body)
     resp = await s.client.post("/v1/chat/completions", data=raw, headers={"content-type": "application/json"})
     assert resp.status == 200 and (await resp.json())["object"] == "chat.completion"
-    assert s.engine.stats.bodies == [body]  # not upgraded, not rewritten
+    assert list(s.engine.stats.bodies) == [body]  # not upgraded, not rewritten
     resp = await s.client.post("/v1/completions", json={"model": "echo", "prompt": "hi", "stream": True})
     assert resp.status == 200 and b"text_completion" in await resp.read()
 
@@ -446,3 +446,14 @@ async def test_a_trickling_answer_that_is_not_sse_is_still_streamed(aiohttp_serv
         assert time.monotonic() - t_first >= 0.3
         assert rest == b' "part2": 2}'
     await assert_invariant(client)
+
+
+async def test_the_echo_engine_keeps_only_the_latest_bodies(stack: StackFactory) -> None:
+    # echo-upstream runs for hours in benchmarks and demos: what it keeps for tests must stay bounded.
+    s = await stack()
+    limit = s.engine.stats.bodies.maxlen
+    assert limit is not None
+    for i in range(limit + 5):
+        assert (await s.client.post("/v1/chat/completions", json=chat_body(image=False, text=f"n{i}"))).status == 200
+    assert len(s.engine.stats.bodies) == limit
+    assert s.engine.stats.bodies[-1]["messages"][0]["content"][0]["text"] == f"n{limit + 4}"
