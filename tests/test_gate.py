@@ -40,7 +40,7 @@ async def test_count_bound_and_fifo_wakeup() -> None:
     b.release()
     await asyncio.gather(*waiters)
     assert order == ["x", "y", "z"]
-    assert p.stats() == PoolStats(0, 0, 0, 2, 100)
+    assert p.stats() == PoolStats(0, 0, 0, 2, 100, p.max_queue)
 
 
 async def test_byte_bound_and_head_of_line_is_not_overtaken() -> None:
@@ -82,7 +82,7 @@ async def test_queue_timeout_leaves_the_queue() -> None:
     assert info.value.cause is Cause.QUEUE_TIMEOUT and "gate.queue_timeout_s=0.05" in info.value.message
     assert p.stats().queued == 0
     held.release()
-    assert p.stats() == PoolStats(0, 0, 0, 1, 100)
+    assert p.stats() == PoolStats(0, 0, 0, 1, 100, p.max_queue)
 
 
 async def test_zero_queue_timeout_refuses_instead_of_waiting() -> None:
@@ -119,7 +119,7 @@ async def test_cancelled_waiter_leaves_queue_and_lets_next_in() -> None:
     lease = await second
     assert lease.nbytes == 5
     lease.release()
-    assert p.stats() == PoolStats(0, 0, 0, 1, 100)
+    assert p.stats() == PoolStats(0, 0, 0, 1, 100, p.max_queue)
 
 
 async def test_grant_racing_with_cancellation_is_returned() -> None:
@@ -206,7 +206,7 @@ def test_random_schedules_keep_bounds_and_drain_to_zero(ops: list[tuple[str, int
         for r in results:
             if hasattr(r, "release"):
                 r.release()  # granted just before the cancel landed
-        assert p.stats() == PoolStats(0, 0, 0, 3, 50)
+        assert p.stats() == PoolStats(0, 0, 0, 3, 50, p.max_queue)
 
     asyncio.run(run())
 
@@ -252,4 +252,4 @@ async def test_allocator_backs_the_budget_and_deferred_frees_wake_waiters() -> N
     assert second.memory == (10,)
     arena.defer = False
     second.release()
-    assert arena.free_slots == 2 and p.stats() == PoolStats(0, 0, 0, 4, 1000)
+    assert arena.free_slots == 2 and p.stats() == PoolStats(0, 0, 0, 4, 1000, p.max_queue)

@@ -457,3 +457,10 @@ async def test_the_echo_engine_keeps_only_the_latest_bodies(stack: StackFactory)
         assert (await s.client.post("/v1/chat/completions", json=chat_body(image=False, text=f"n{i}"))).status == 200
     assert len(s.engine.stats.bodies) == limit
     assert s.engine.stats.bodies[-1]["messages"][0]["content"][0]["text"] == f"n{limit + 4}"
+
+
+async def test_queue_capacity_is_exported_for_the_alert(stack: StackFactory) -> None:
+    # The queue alert compares mm_sidecar_queue_depth with 75% of this gauge: it must be the config's.
+    s = await stack(gate={"max_queue": 37})
+    text = await (await s.client.get("/metrics")).text()
+    assert "mm_sidecar_queue_capacity 37.0" in text.splitlines()
