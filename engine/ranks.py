@@ -73,6 +73,12 @@ class Generate:
 
 
 @dataclass(frozen=True, slots=True)
+class Generated:
+    tokens: list[int]  # the new ids only
+    prompt_tokens: int  # the prompt's length, image placeholders expanded: what the model read
+
+
+@dataclass(frozen=True, slots=True)
 class Drop:
     request: str
 
@@ -161,7 +167,7 @@ class Rank:
             self.staging.clear()
         return None
 
-    def _generate(self, command: Generate) -> list[int]:
+    def _generate(self, command: Generate) -> Generated:
         buffers = self._lent.pop(command.request, [])
         try:
             return self._forward(command)
@@ -173,13 +179,15 @@ class Rank:
         finally:
             self.staging.give(buffers)
 
-    def _forward(self, command: Generate) -> list[int]:
+    def _forward(self, command: Generate) -> Generated:
         # The staged tensors die with this frame. build_inputs concatenates them into new tensors, so
         # the model never holds a view of a staging buffer, and generate() is synchronous: once this
         # returns, the buffers are free to go back to the pool.
         images = self.staged.pop(command.request, [])
         inputs = self.model.build_inputs(command.messages, images)
-        return self.model.generate(inputs, max_new_tokens=command.max_new_tokens)
+        prompt = inputs.get("input_ids")
+        tokens = self.model.generate(inputs, max_new_tokens=command.max_new_tokens)
+        return Generated(tokens, 0 if prompt is None else int(prompt.shape[-1]))
 
     def _release(self, request: str) -> None:
         """Drop a request's staged tensors, then give their buffers back (in that order: see StagingPool.give)."""

@@ -30,7 +30,7 @@ from preprocess.processors import decode, load_processor, run_processor
 from preprocess.procmem import tree_memory
 from preprocess.protocol import DescriptorError, TensorDescriptor, shm_token
 
-from .ranks import Broadcast, Copy, Drop, Generate, HandoffError, Rank, Stop
+from .ranks import Broadcast, Copy, Drop, Generate, Generated, HandoffError, Rank, Stop
 
 RANK = web.AppKey("rank", Rank)
 MODEL_THREAD = web.AppKey("model_thread", ThreadPoolExecutor)
@@ -138,7 +138,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await asyncio.shield(_model(app, Drop(request_id)))
         raise
     try:
-        tokens = await _model(app, Generate(request_id, messages, max_tokens))
+        generated: Generated = await _model(app, Generate(request_id, messages, max_tokens))
     except Exception as exc:  # the status line is gone: report in the body
         await _model(app, Drop(request_id))
         error = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "code": None}}
@@ -146,8 +146,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await response.write_eof()
         return response
     model = app[RANK].model
+    tokens, prompt = generated.tokens, generated.prompt_tokens
     finish = "stop" if tokens and tokens[-1] in model.stop_ids else "length"
-    usage = {"prompt_tokens": 0, "completion_tokens": len(tokens), "total_tokens": len(tokens)}
+    usage = {"prompt_tokens": prompt, "completion_tokens": len(tokens), "total_tokens": prompt + len(tokens)}
     base = {"id": request_id, "created": created, "model": model_name}
     if not stream:
         message = {"role": "assistant", "content": model.decode(tokens)}

@@ -220,3 +220,28 @@ async def test_engine_rejects_bad_and_stale_descriptors_before_reading(engine_ur
         arena.free(extent)
     finally:
         arena.close()
+
+
+async def test_usage_counts_the_prompt_the_model_read(aiohttp_server: Any, engine_url: str) -> None:
+    # prompt_tokens is the prompt after the image placeholders are expanded: two requests that differ
+    # only in their image differ by exactly the difference in image tokens (patches / merge_size^2),
+    # which the processor decides independently of the engine.
+    server = await sidecar(aiohttp_server, engine_url)
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="k", max_retries=0, timeout=120)
+    processor = load_processor("qwen2-vl")
+    prompts, image_tokens = [], []
+    async with client:
+        for data in (jpeg(320, 240, 5), jpeg(640, 480, 6)):
+            url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+            content: Any = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+            done = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": content}], max_tokens=2
+            )
+            assert done.usage is not None
+            assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+            prompts.append(done.usage.prompt_tokens)
+            patches = run_processor(processor, decode(data))["pixel_values"].shape[0]
+            image_tokens.append(patches // processor.merge_size**2)
+    assert prompts[0] > image_tokens[0] > 0
+    assert prompts[1] - prompts[0] == image_tokens[1] - image_tokens[0]
+    await assert_idle(server)

@@ -98,7 +98,7 @@ def test_copy_stages_the_arena_tensors_in_pool_buffers_and_generate_gives_them_b
     assert np.array_equal(staged["image_grid_thw"].numpy(), arrays["image_grid_thw"])
     assert rank.staging.stats.held == 1  # pixel_values; the 24-byte grid is not pooled
     del staged
-    assert rank.issue(Generate("r1", [], 4)) == [1000 * ROW]
+    assert rank.issue(Generate("r1", [], 4)).tokens == [1000 * ROW]
     assert np.array_equal(model_of(rank).seen[0][0]["pixel_values"].numpy(), arrays["pixel_values"])
     assert "r1" not in rank.staged
     stats = rank.staging.stats
