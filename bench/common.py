@@ -209,10 +209,17 @@ def engine(
     argv = [_python(), "-m", "sidecar.cli", "--log-level", "WARNING", "engine"]
     argv += ["--model", str(model_dir), "--tp", str(tp), "--port", str(port)]
     service = start_service(f"engine-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus)
-    try:
-        if wait:
-            wait_http(service, "/health", start_timeout_s)
+    with _running(service, "/health", start_timeout_s if wait else None):
         yield service
+
+
+@contextlib.contextmanager
+def _running(service: Service, health_path: str, timeout_s: float | None) -> Iterator[None]:
+    """Wait for `service` to answer `health_path` (unless `timeout_s` is None); stop it on the way out."""
+    try:
+        if timeout_s is not None:
+            wait_http(service, health_path, timeout_s)
+        yield
     finally:
         stop_service(service)
 
@@ -268,11 +275,8 @@ def bare_proxy(upstream: str, log_dir: Path) -> Iterator[Service]:
     port = free_port()
     argv = [_python(), "-m", "bench.bare_proxy", "--port", str(port), "--upstream", upstream]
     service = start_service(f"bare-proxy-{port}", argv, f"http://127.0.0.1:{port}", log_dir)
-    try:
-        wait_http(service, "/health", 60)
+    with _running(service, "/health", 60):
         yield service
-    finally:
-        stop_service(service)
 
 
 @contextlib.contextmanager
@@ -282,11 +286,8 @@ def echo_upstream(log_dir: Path, *, tokens: int = 1) -> Iterator[Service]:
     argv = [_python(), "-m", "sidecar.cli", "--log-level", "WARNING", "echo-upstream"]
     argv += ["--port", str(port), "--tokens", str(tokens)]
     service = start_service(f"echo-{port}", argv, f"http://127.0.0.1:{port}", log_dir)
-    try:
-        wait_http(service, "/health", 60)
+    with _running(service, "/health", 60):
         yield service
-    finally:
-        stop_service(service)
 
 
 @contextlib.contextmanager

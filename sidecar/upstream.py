@@ -73,6 +73,12 @@ def response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMulti
     return out
 
 
+def _whole(resp: aiohttp.ClientResponse, fwd: Forward, body: bytes) -> web.Response:
+    """The engine's whole answer, in hand: one response with a Content-Length, headers and body in one
+    write (not headers, a chunk and the chunked terminator in three). Nothing waits: no bytes are pending."""
+    return web.Response(status=resp.status, body=body, headers=response_headers(resp.headers, fwd.request_id))
+
+
 def _connection_listed(headers: CIMultiDictProxy[str]) -> list[str]:
     """Headers named in `Connection:` are hop-by-hop too (RFC 9110 7.6.1)."""
     return [t.strip() for v in headers.getall("Connection", []) for t in v.split(",") if t.strip()]
@@ -194,16 +200,9 @@ class Upstream:
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off its answer: {exc}") from exc
             if isinstance(first, _Whole):
-                return web.Response(
-                    status=resp.status, body=first.body, headers=response_headers(resp.headers, fwd.request_id)
-                )
+                return _whole(resp, fwd, first.body)
             if fwd.transform is None and not _is_sse(resp) and resp.content.at_eof():
-                # The whole answer is already here (a short JSON answer usually is): send it as one
-                # response with a Content-Length, headers and body in one write, instead of headers,
-                # a chunk and the chunked terminator in three. Nothing waits for it: no bytes are pending.
-                return web.Response(
-                    status=resp.status, body=first, headers=response_headers(resp.headers, fwd.request_id)
-                )
+                return _whole(resp, fwd, first)  # a short answer that came in one read
             if fwd.assemble is not None and resp.status == 200 and _is_sse(resp):
                 return await self._assembled(resp, fwd, first)
             if fwd.transform is not None and resp.status == 200:
