@@ -17,7 +17,10 @@ once, validates every descriptor, copies each tensor out of shared memory into i
 (`ArenaReader.copy_out` re-checks the generation after copying) and drops every view. Then the ranks
 agree: every other rank reports to rank 0 whether it succeeded, and rank 0 sends every rank the
 verdict. Only when all succeeded does rank 0 answer headers: that is the ack that lets the sidecar
-free the extent. If any rank failed, every rank drops what it copied.
+free the extent. If any rank failed, every rank drops what it copied. A rank that refused a descriptor
+(bad, forged, stale: `DescriptorError`) logs why and says only that it refused; rank 0 then answers
+with the protocol's one fixed message, since the reason describes the arena and the answer goes to
+whoever sent the request.
 
 On the CPU the copies land in buffers of the rank's `StagingPool` (engine/staging.py): memory kept
 from one request to the next, whose pages are already faulted in. They go back to the pool when the
@@ -42,7 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from preprocess.protocol import ArenaReader, DescriptorError, TensorDescriptor
+from preprocess.protocol import DESCRIPTOR_ERROR, ArenaReader, DescriptorError, TensorDescriptor
 
 from .model import VLModel
 from .staging import Buffer, StagingPool
@@ -92,11 +95,17 @@ Command = Copy | Broadcast | Generate | Drop | Stop
 
 
 class HandoffError(Exception):
-    """A rank could not take the tensors; `status` is what rank 0 answers."""
+    """A rank could not take the tensors; `status` is what rank 0 answers.
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    `refused`: a rank refused a descriptor; the message is then `DESCRIPTOR_ERROR` and nothing else,
+    and `detail` (for the log, never for the answer) says which rank and, for rank 0, why.
+    """
+
+    def __init__(self, message: str, status: int = 400, *, refused: bool = False, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.refused = refused
+        self.detail = detail or message
 
 
 def checksum(tensor: torch.Tensor) -> str:
@@ -147,6 +156,10 @@ class Rank:
                 return
             try:
                 self.execute(command)
+            except HandoffError as exc:
+                # Expected, and rank 0 answers it. A refused descriptor was logged where it was found.
+                if not exc.refused:
+                    log.warning("rank %d: handoff %s failed: %s", self.rank, getattr(command, "request", "?"), exc)
             except Exception:
                 # The same inputs fail the same way on rank 0, which reports it; stay in step.
                 log.exception("rank %d: %s failed", self.rank, type(command).__name__)
@@ -206,7 +219,7 @@ class Rank:
         images: Images = []
         buffers: list[Buffer] = []
         sums: list[dict[str, str]] = []
-        error, status = "", 400
+        error, status, refused = "", 400, False
         try:
             for image in command.images:
                 for desc in image.values():
@@ -217,7 +230,11 @@ class Rank:
                 images.append(copied)
                 if command.checksums:
                     sums.append({name: checksum(t) for name, t in copied.items()})
-        except (DescriptorError, OSError, ValueError) as exc:
+        except DescriptorError as exc:
+            # One line, the cause: the answer will carry only the fixed message.
+            log.warning("rank %d: %s: refused a tensor descriptor: %s", self.rank, command.request, exc.detail)
+            error, refused = exc.detail or DESCRIPTOR_ERROR, True
+        except (OSError, ValueError) as exc:
             error = str(exc)
         except Exception as exc:
             # Anything else (a failed allocation) must still reach the agreement, or the other ranks
@@ -228,32 +245,40 @@ class Rank:
             images.clear()
             self.staging.give(buffers)  # the traceback may still hold a view: the pool then lets it go
             raise
-        agreed, gathered = self._agree(not error, sums)
+        agreed, refusing, gathered = self._agree(not error, refused, sums)
         if not agreed:
             # Drop every view first (`copied` still names the last image's): the pool reuses a buffer
             # only when nothing points into it any more.
             images.clear()
             copied = {}
             self.staging.give(buffers)
+            if refused or refusing:
+                others = ", ".join(map(str, refusing))
+                detail = f"rank {self.rank}: {error}" if refused else f"another rank ({others}) refused a descriptor"
+                raise HandoffError(DESCRIPTOR_ERROR, 400, refused=True, detail=detail)
             raise HandoffError(error or "another rank could not read the tensors", status)
         self.staged[command.request] = images
         self._lent[command.request] = buffers
         return gathered
 
-    def _agree(self, ok: bool, sums: list[dict[str, str]]) -> tuple[bool, list[list[dict[str, str]]]]:
-        """Whether every rank succeeded, known to every rank; rank 0 also gets every rank's checksums."""
+    def _agree(
+        self, ok: bool, refused: bool, sums: list[dict[str, str]]
+    ) -> tuple[bool, list[int], list[list[dict[str, str]]]]:
+        """Whether every rank succeeded, known to every rank; rank 0 also learns which other ranks
+        refused a descriptor (`refused`: this one did) and gets every rank's checksums."""
         if self.world == 1:
-            return ok, [sums]
+            return ok, [], [sums]
         if self.rank:
             (leader,) = self.links
-            leader.send((ok, sums))
+            leader.send((ok, refused, sums))
             verdict: bool = leader.recv()
-            return verdict, []
-        reports: list[tuple[bool, list[dict[str, str]]]] = [link.recv() for link in self.links]
-        agreed = ok and all(report_ok for report_ok, _ in reports)
+            return verdict, [], []
+        reports: list[tuple[bool, bool, list[dict[str, str]]]] = [link.recv() for link in self.links]
+        agreed = ok and all(report_ok for report_ok, _, _ in reports)
         for link in self.links:
             link.send(agreed)
-        return agreed, [sums, *(report_sums for _, report_sums in reports)]
+        refusing = [r for r, (_, report_refused, _) in enumerate(reports, start=1) if report_refused]
+        return agreed, refusing, [sums, *(report_sums for _, _, report_sums in reports)]
 
     def _broadcast(self, command: Broadcast, tensors: Images | None) -> None:
         self._release(command.request)

@@ -6,7 +6,11 @@ Two forms of image part:
   baseline the benchmarks compare the sidecar against.
 - `{"type": "image_tensors", "tensors": {name: descriptor}}` from the sidecar: only descriptors
   travel; every rank copies its tensors out of shared memory (`ranks.Copy`), and the response
-  headers, sent only after every rank has done so, are the ack.
+  headers, sent only after every rank has done so, are the ack. Every bad, forged or stale
+  descriptor, whether refused while parsing or by a rank, is answered 400 with exactly
+  `DESCRIPTOR_ERROR` and nothing else: this port is reachable from anything in the pod's network
+  namespace, and the cause (bounds, segment names, generations, other files) describes the arena.
+  The cause goes to the log, one line.
 
 Model commands run one at a time on a single model thread (ranks must execute them in the same
 order), so the event loop stays free to accept requests and answer `/health`.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import logging
 import os
 import time
 import uuid
@@ -28,7 +33,7 @@ from aiohttp import web
 
 from preprocess.processors import decode, load_processor, run_processor
 from preprocess.procmem import tree_memory
-from preprocess.protocol import DescriptorError, TensorDescriptor, shm_token
+from preprocess.protocol import DESCRIPTOR_ERROR, DescriptorError, TensorDescriptor, shm_token
 
 from .ranks import Broadcast, Copy, Drop, Generate, Generated, HandoffError, Rank, Stop
 
@@ -36,10 +41,17 @@ RANK = web.AppKey("rank", Rank)
 MODEL_THREAD = web.AppKey("model_thread", ThreadPoolExecutor)
 SETTINGS = web.AppKey("settings", dict)
 
+log = logging.getLogger("mm_engine.server")
+
 
 def _error(status: int, message: str, etype: str = "invalid_request_error", code: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _descriptor_refused() -> web.Response:
+    """The one answer to every refused descriptor: the same bytes whatever the cause."""
+    return _error(400, DESCRIPTOR_ERROR, code="invalid_tensor_descriptor")
 
 
 async def _model(app: web.Application, command: Any, tensors: Any = None) -> Any:
@@ -65,12 +77,12 @@ def _split_images(messages: Any) -> tuple[list[dict[str, Any]], list[tuple[str, 
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "image_tensors":
                 tensors = part.get("tensors")
-                if not isinstance(tensors, dict):
-                    raise ValueError(f"messages[{i}].content[{j}].tensors: must be an object")
+                if not isinstance(tensors, dict) or not tensors:
+                    raise DescriptorError(f"messages[{i}].content[{j}].tensors: must be a non-empty object")
                 try:
                     images.append(("tensors", {n: TensorDescriptor.from_json(d) for n, d in tensors.items()}))
                 except DescriptorError as exc:
-                    raise ValueError(f"messages[{i}].content[{j}]: {exc}") from None
+                    raise DescriptorError(f"messages[{i}].content[{j}]: {exc.detail}") from None
                 parts.append({"type": "image"})
             elif kind == "image_url":
                 url = part.get("image_url")
@@ -99,6 +111,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         if max_tokens < 1:
             raise ValueError("max_tokens: must be >= 1")
+    except DescriptorError as exc:  # before ValueError, its base: never str(exc) plus a location
+        log.warning("refused a tensor descriptor: %s", exc.detail)
+        return _descriptor_refused()
     except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError) as exc:
         return _error(400, str(exc))
     stream = bool(body.get("stream"))
@@ -122,7 +137,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             ]
             await _model(app, Broadcast(request_id, layout), tensors)
     except HandoffError as exc:
+        if exc.refused:  # each rank logged its own cause
+            return _descriptor_refused()
         return _error(exc.status, f"tensor handoff failed: {exc}", code="handoff_failed")
+    except DescriptorError as exc:  # the ranks turn theirs into HandoffError; this is only the backstop
+        log.warning("refused a tensor descriptor: %s", exc.detail)
+        return _descriptor_refused()
     except (ValueError, binascii.Error, OSError) as exc:
         return _error(400, f"bad image: {exc}")
 

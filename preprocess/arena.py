@@ -6,7 +6,9 @@ The segment layout, the page generation table and the extent state machine are d
 Ownership. `Arena.create` makes the segment and owns it: only the owner reserves, publishes and
 frees extents, and only the owner unlinks the segment on `close()`. Worker processes `Arena.attach`
 the same segment read-write to fill extents the owner reserved for them (`ndarray_view`, `write`);
-they never allocate and never unlink. The segment is a plain file opened with
+they never allocate and never unlink. Every descriptor either of them makes (`descriptor`, `write`)
+is signed with the segment's key, which `create` draws at random and stores in the header page:
+whoever maps the segment can sign, nobody else can. The segment is a plain file opened with
 ``O_CREAT | O_EXCL | O_NOFOLLOW``, never `multiprocessing.shared_memory`, whose resource tracker
 unlinks segments when some unrelated process exits.
 
@@ -31,6 +33,7 @@ import errno
 import math
 import mmap
 import os
+import secrets
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -43,6 +46,8 @@ import numpy.typing as npt
 
 from .protocol import (
     DTYPES,
+    GENERATION_BOUND,
+    KEY_BYTES,
     NUMPY_DTYPES,
     PAGE,
     STATE_FREE,
@@ -74,6 +79,10 @@ _MADV_POPULATE_WRITE: Final = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 # The kernel's ceiling for pid_max; anything larger in a header or a name is not a pid.
 _PID_MAX: Final = 1 << 22
 _DTYPE_NAMES: Final = {dt: name for name, dt in NUMPY_DTYPES.items() if name != "bfloat16"}
+# Generations start below 2**60 and advance by 1 to 2**16 per reserve: at least 3 * 2**44 reserves
+# (decades at 10^4 a second) before GENERATION_BOUND.
+_GENERATION_START_BITS: Final = 60
+_GENERATION_STRIDE: Final = 1 << 16
 
 
 class ArenaError(RuntimeError):
@@ -153,11 +162,10 @@ class Arena:
         self._free_starts: list[int] = [header.data_offset] if owner else []
         self._free_lengths: list[int] = [header.pages * PAGE] if owner else []
         self._live: dict[int, Extent] = {}
-        # Generations count up from the creation time in ns rather than from 0: a sidecar restarted
-        # under the same name (a container's pid is the same after a restart) then never reissues a
-        # generation that a descriptor of the previous segment carries. Reserves take far more than
-        # 1 ns each, so one segment's generations stay below the next segment's creation time.
-        self._generation = header.created_ns
+        # A random start and a random stride per reserve: strictly increasing, so never reused within
+        # the segment, yet a live generation cannot be guessed from another one. (A segment re-created
+        # under the same name has a new key, so its predecessor's descriptors fail the MAC anyway.)
+        self._generation = secrets.randbits(_GENERATION_START_BITS)
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -210,6 +218,8 @@ class Arena:
                 owner_start=_start_ticks(os.getpid()) or 0,
                 created_ns=time.time_ns(),
                 boot_id=_boot_id(),
+                # Readable by whoever can map the segment (0600: our uid), and by no one else.
+                key=secrets.token_bytes(KEY_BYTES),
             )
             raw = header.pack()
             # Magic last: a reader that races the creation sees "not an arena", never half a header.
@@ -237,7 +247,7 @@ class Arena:
             try:
                 header = SegmentHeader.unpack(os.pread(fd, PAGE, 0), os.fstat(fd).st_size)
             except DescriptorError as exc:
-                raise ArenaError(f"cannot attach arena {path}: {exc}") from exc
+                raise ArenaError(f"cannot attach arena {path}: {exc.detail}") from exc
             mm = mmap.mmap(fd, header.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
@@ -313,14 +323,17 @@ class Arena:
                     break
         if best < 0:
             return None
+        generation = self._generation + 1 + secrets.randbelow(_GENERATION_STRIDE)
+        if generation >= GENERATION_BOUND:
+            raise ArenaError(f"arena {self._name} has used up its generations: restart the sidecar")
         start = self._free_starts[best]
         if self._free_lengths[best] == need:
             del self._free_starts[best], self._free_lengths[best]
         else:
             self._free_starts[best] += need
             self._free_lengths[best] -= need
-        self._generation += 1
-        extent = Extent(self._name, start, need, self._generation)
+        self._generation = generation
+        extent = Extent(self._name, start, need, generation)
         self._set_state(extent, STATE_WRITING)
         self._live[start] = extent
         return extent
@@ -407,7 +420,7 @@ class Arena:
         return self.descriptor(extent, offset, name, arr.shape)
 
     def descriptor(self, extent: Extent, offset: int, dtype: str, shape: Sequence[int]) -> TensorDescriptor:
-        """The descriptor of a tensor at `offset` in the extent; ValueError if it does not fit there."""
+        """The signed descriptor of a tensor at `offset` in the extent; ValueError if it does not fit there."""
         self._require_mine(extent)
         desc = TensorDescriptor(
             shm=self._name,
@@ -416,11 +429,12 @@ class Arena:
             dtype=dtype,
             shape=tuple(int(d) for d in shape),
             generation=extent.generation,
-        )
+            mac="",
+        ).signed(self._header.key)
         try:
             desc.check()
         except DescriptorError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(exc.detail) from None
         if offset < 0 or offset % TENSOR_ALIGN:
             raise ValueError(f"offset in extent must be a non-negative multiple of {TENSOR_ALIGN}, got {offset}")
         # An empty tensor still needs a page of the extent behind it, for readers to check the owner.

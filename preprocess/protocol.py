@@ -6,7 +6,37 @@ engine maps the segment read-only with ``ArenaReader``, checks the descriptor ag
 copies the tensor out and only then acks. This module imports only the standard library and numpy;
 torch is imported inside the functions that return tensors, so adopting the contract costs nothing.
 
-Segment layout (format version 1, little-endian, offsets in bytes from the start of the segment)::
+Threat model. A descriptor is a capability: whoever holds one makes the engine read that memory.
+
+* Who can reach the engine's port: anything in the pod's network namespace (the sidecar, other
+  containers of the pod, a debugging shell). Clients reach it only through the sidecar, which
+  refuses ``image_tensors`` parts from clients; but the engine must not rely on that alone, since
+  any neighbour can write a request by hand.
+* Who can map the segment: processes of the sidecar's uid that see the same ``/dev/shm`` (the file
+  is created 0600; the reader refuses a segment that grants group or other any access). They can
+  read every tensor in it anyway, so they are inside the trust boundary: the key below lives in the
+  segment and is theirs to read.
+* What the MAC proves: ``mac`` is HMAC-SHA256, under a random 32-byte key that the creator writes
+  into the segment's header page, of a canonical encoding of the six other fields. A descriptor
+  that verifies was issued by the sidecar owning this segment, for exactly this extent and these
+  tensors (offset, size, dtype, shape, generation). Anyone who cannot map the segment cannot make
+  one, and cannot reuse one for other memory: changing any field breaks it, and a segment
+  re-created under the same name has a new key, so its predecessor's descriptors fail too.
+* What it does not prove: that the sender is the sidecar. A genuine descriptor replayed by someone
+  who saw it reads that extent as long as it is live; the generation check bounds this: once the
+  sidecar frees the extent (after the engine's ack) or reuses any of its pages, the replay is stale.
+  Descriptors travel only between the sidecar and the engine, so seeing one already means being
+  inside the pod with the power to read its traffic.
+* What a refusal tells the sender: nothing. Every bad, stale or forged descriptor raises
+  `DescriptorError` (or `StaleDescriptor`) whose ``str()`` is the one fixed message
+  `DESCRIPTOR_ERROR`; the cause (bounds of the data area, whether a segment exists, page
+  generations and states, the bytes of some other file) is on ``.detail``, for the engine's log.
+  An engine answers a refusal with that fixed message only.
+* What is never opened: names without the ``mm-sidecar-`` prefix, names that could leave the
+  segment directory, symlinks (``O_NOFOLLOW``), anything that is not a regular file; files are
+  opened ``O_NONBLOCK``, so a FIFO planted under a segment's name cannot stall the reader.
+
+Segment layout (format version 2, little-endian, offsets in bytes from the start of the segment)::
 
     0          4096                    data_offset                              data_end   size
     | header   | generation table      | data area: `pages` pages of 4096 bytes  | slack  |
@@ -14,7 +44,7 @@ Segment layout (format version 1, little-endian, offsets in bytes from the start
     |          | up to whole pages     |                                          |        |
 
     header   0  8s  magic         b"MMSCARN1" (written last: a half-made header never validates)
-             8  u32 version       1
+             8  u32 version       2 (readers refuse every other version)
             12  u32 page          4096, the granule of the table and of extent alignment
             16  u64 size          segment bytes, equal to the file size
             24  u64 table_offset  4096
@@ -22,29 +52,33 @@ Segment layout (format version 1, little-endian, offsets in bytes from the start
             40  u64 data_offset   table_offset + table bytes
             48  u64 owner_pid     pid of the creating sidecar (pid namespace of the creator)
             56  u64 owner_start   its start time in clock ticks since boot (/proc/<pid>/stat #22)
-            64  u64 created_ns    time.time_ns() at creation; generations count up from it
+            64  u64 created_ns    time.time_ns() at creation (informational)
             72  16s boot_id       /proc/sys/kernel/random/boot_id of the creator
             88  u32 tensor_align  64: every tensor starts on a multiple of it
+            92  32s key           the descriptors' HMAC-SHA256 key, secrets.token_bytes(32)
 
 Table entry ``i`` describes data page ``i`` (bytes ``data_offset + i*4096`` to ``+4096``) and holds
 ``generation << 2 | state``. All pages of one extent move together, and only the creating process
 writes entries::
 
-                     reserve: generation = ++counter
+                     reserve: generation = counter += random stride
         FREE(g_old) ------------------------------> WRITING(g) ---- free (abort) ----> FREE(g)
                                                         |
                                                         | publish (payload written; with used_nbytes,
                                                         v          only the pages holding it)
                                                      READY(g) ------ free (after the ack) --> FREE(g)
 
-A descriptor ``(offset, nbytes, generation g)`` may be read if and only if every page that
-``[offset, offset + nbytes)`` touches holds ``g << 2 | READY``. ``ArenaReader`` checks this before
-it makes a view and again after ``copy_out`` has copied. Each reserve hands out a generation never
-used before and stamps it on every page it takes, so any reuse of any byte of a freed extent, wherever
-the new extent begins, changes an entry that the old descriptor's check reads: stale descriptors are
-detected, never silently read. ``free`` bumps nothing; the next reserve does. The counter starts at
-the segment's creation time in nanoseconds, so a segment re-created under the same name (a restarted
-container gets the same pid) does not reissue the generations of its predecessor either.
+A descriptor ``(offset, nbytes, generation g)`` may be read if and only if its MAC verifies under
+the segment's key and every page that ``[offset, offset + nbytes)`` touches holds ``g << 2 | READY``.
+``ArenaReader`` checks both before it makes a view, and the pages again after ``copy_out`` has
+copied. Each reserve hands out a generation never used before in the segment and stamps it on every
+page it takes, so any reuse of any byte of a freed extent, wherever the new extent begins, changes
+an entry that the old descriptor's check reads: stale descriptors are detected, never silently read.
+``free`` bumps nothing; the next reserve does. The counter starts at a random value (below 2**60)
+and each reserve advances it by a random stride of 1 to 2**16, so generations strictly increase
+within a segment yet cannot be predicted from one another (the bound 2**62 is then ~2**45 reserves
+away). A segment re-created under the same name (a restarted container gets the same pid) has a new
+key: descriptors of its predecessor fail the MAC whatever generation they carry.
 
 Why a per-page table and not a header in front of each extent: one extent holds several tensors
 (``pixel_values``, then ``image_grid_thw`` at an aligned sub-offset), so a tensor's offset does not say
@@ -55,8 +89,8 @@ page, so one entry never has two owners.
 
 Lifetime rules:
 
-* Only the creator unlinks the segment; readers open it ``O_RDONLY | O_NOFOLLOW`` and map it
-  ``PROT_READ``. Python's ``multiprocessing`` resource tracker is never involved.
+* Only the creator unlinks the segment; readers open it ``O_RDONLY | O_NOFOLLOW | O_NONBLOCK`` and
+  map it ``PROT_READ``. Python's ``multiprocessing`` resource tracker is never involved.
 * The sidecar publishes an extent before it sends the descriptor; the HTTP request carrying the
   descriptor orders the stores before the engine's reads (its send and receive are syscalls).
   Table entries are aligned 8-byte words, so a reader never sees a torn entry.
@@ -68,6 +102,7 @@ Lifetime rules:
 
 from __future__ import annotations
 
+import hmac
 import math
 import mmap
 import os
@@ -76,7 +111,7 @@ import stat
 import struct
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -87,10 +122,14 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DESCRIPTOR_ERROR",
     "DTYPES",
+    "GENERATION_BOUND",
+    "KEY_BYTES",
     "MAGIC",
     "NUMPY_DTYPES",
     "PAGE",
+    "SEGMENT_PREFIX",
     "STATE_FREE",
     "STATE_READY",
     "STATE_WRITING",
@@ -102,12 +141,18 @@ __all__ = [
     "StaleDescriptor",
     "TensorDescriptor",
     "check_segment_name",
+    "descriptor_mac",
     "segment_layout",
     "table_entry",
 ]
 
 MAGIC: Final = b"MMSCARN1"
-VERSION: Final = 1
+VERSION: Final = 2
+# What str() of every DescriptorError says, whatever the cause: engines relay it to clients.
+DESCRIPTOR_ERROR: Final = "invalid or stale tensor descriptor"
+SEGMENT_PREFIX: Final = "mm-sidecar-"
+GENERATION_BOUND: Final = 1 << 62
+KEY_BYTES: Final = 32
 PAGE: Final = 4096
 TENSOR_ALIGN: Final = 64
 STATE_FREE: Final = 0
@@ -117,7 +162,7 @@ _STATE_BITS: Final = 2
 _STATE_NAMES: Final = ("free", "writing", "ready", "invalid")
 _U63: Final = 1 << 63
 _MAX_NDIM: Final = 32
-_HEADER = struct.Struct("<8sIIQQQQQQQ16sI")
+_HEADER = struct.Struct(f"<8sIIQQQQQQQ16sI{KEY_BYTES}s")
 
 # Item size per accepted dtype. Little-endian everywhere: the segment is a wire format.
 DTYPES: Final[Mapping[str, int]] = MappingProxyType(
@@ -135,33 +180,69 @@ NUMPY_DTYPES: Final[Mapping[str, np.dtype[Any]]] = MappingProxyType(
         "bool": np.dtype("?"),
     }
 )
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,255}")
-_FIELDS: Final = ("shm", "offset", "nbytes", "dtype", "shape", "generation")
+# The prefix keeps readers away from every other file in /dev/shm; no "/" means no leaving it.
+_NAME_RE: Final = re.compile(re.escape(SEGMENT_PREFIX) + f"[A-Za-z0-9_.-]{{1,{255 - len(SEGMENT_PREFIX)}}}")
+_MAC_RE: Final = re.compile(r"[0-9a-f]{64}")
+_FIELDS: Final = ("shm", "offset", "nbytes", "dtype", "shape", "generation", "mac")
+# Domain separation: these bytes are signed for nothing else, and a future format signs other ones.
+_MAC_CONTEXT: Final = b"mm-sidecar tensor descriptor v2\n"
 
 
 class DescriptorError(ValueError):
-    """A descriptor that must not be read: malformed, out of bounds, unknown segment, not published.
+    """A descriptor that must not be read: malformed, forged, out of bounds, unknown segment, not published.
 
-    Retrying the same descriptor cannot help; the request it belongs to must be rejected.
+    ``str()`` is always `DESCRIPTOR_ERROR`, whatever the cause: engines relay it to clients, and the
+    cause describes the arena (its bounds, segment names, generations, page states, other files).
+    `detail` says what was wrong, for the engine's log. Retrying the same descriptor cannot help;
+    the request it belongs to must be rejected.
     """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(DESCRIPTOR_ERROR)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return DESCRIPTOR_ERROR
+
+    def __reduce__(self) -> tuple[type[DescriptorError], tuple[str]]:
+        # The default pickles args, the fixed message: keep the detail across processes.
+        return type(self), (self.detail,)
 
 
 class StaleDescriptor(DescriptorError):
     """The descriptor's extent was freed or reused (before or while it was read), or its segment is gone.
 
     The sidecar has given up on the request (ack timeout, shutdown); the data is not the request's any more.
+    Same fixed ``str()`` as every DescriptorError; the class is for callers and tests that care why.
     """
 
 
 def check_segment_name(name: str) -> str:
-    """Return `name` if it is a plain file name fit for a segment, else raise ValueError.
+    """Return `name` if it is a segment's name (``mm-sidecar-...``, a plain file name), else raise ValueError.
 
     Descriptors carry the segment name from the network, so it must never be able to leave the
-    segment directory ("../", "/") or name something special (".", "..").
+    segment directory ("../", "/") nor name any file that is not one of this project's segments.
     """
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise ValueError(f"segment name must be 1-255 of [A-Za-z0-9_.-] and not '.' or '..', got {name!r}")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"segment name must be {SEGMENT_PREFIX!r} then 1-{255 - len(SEGMENT_PREFIX)} of [A-Za-z0-9_.-], "
+            f"got {name!r:.80}"
+        )
     return name
+
+
+def descriptor_mac(  # noqa: PLR0917 - the six fields a MAC covers, no more, no fewer
+    key: bytes, shm: str, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...], generation: int
+) -> str:
+    """Hex HMAC-SHA256 under `key` of the canonical encoding of the six fields of a descriptor.
+
+    The encoding is injective: strings are length-prefixed, integers are decimal (one spelling
+    each), the shape is prefixed with its length, so two different descriptors never sign the same
+    bytes.
+    """
+    dims = ",".join(map(str, shape))
+    text = f"{len(shm)}:{shm}\n{offset}\n{nbytes}\n{len(dtype)}:{dtype}\n{len(shape)}:{dims}\n{generation}"
+    return hmac.digest(key, _MAC_CONTEXT + text.encode("utf-8", "surrogatepass"), "sha256").hex()
 
 
 def table_entry(generation: int, state: int) -> int:
@@ -197,6 +278,8 @@ class SegmentHeader:
     owner_start: int
     created_ns: int
     boot_id: bytes
+    # Never in a repr: headers end up in logs and tracebacks.
+    key: bytes = field(repr=False)
     version: int = VERSION
     page: int = PAGE
     tensor_align: int = TENSOR_ALIGN
@@ -220,6 +303,7 @@ class SegmentHeader:
             self.created_ns,
             self.boot_id,
             self.tensor_align,
+            self.key,
         )
 
     @classmethod
@@ -227,13 +311,17 @@ class SegmentHeader:
         """Parse and validate a header read from a file of `file_size` bytes; DescriptorError if it is not ours."""
         if len(data) < _HEADER.size:
             raise DescriptorError(f"segment too small for a header ({file_size} bytes)")
-        magic, version, page, size, table_offset, pages, data_offset, pid, start, created, boot, align = (
+        magic, version, page, size, table_offset, pages, data_offset, pid, start, created, boot, align, key = (
             _HEADER.unpack_from(data)
         )
         if magic != MAGIC:
-            raise DescriptorError(f"not an mm-sidecar arena (magic {magic!r})")
+            # Not even in the detail: the bytes of some other file are none of the log's business.
+            raise DescriptorError("not an mm-sidecar arena (wrong magic)")
         if version != VERSION or page != PAGE or align != TENSOR_ALIGN:
+            # Before anything else is read: a version-1 segment has no key where this one expects it.
             raise DescriptorError(f"unsupported arena format: version {version}, page {page}, align {align}")
+        if key == bytes(KEY_BYTES):
+            raise DescriptorError("corrupt arena header: no key")
         try:
             expected = segment_layout(size)
         except ValueError as exc:
@@ -242,12 +330,17 @@ class SegmentHeader:
         # and with the layout rule before any offset in it is trusted.
         if size != file_size or (table_offset, pages, data_offset) != expected:
             raise DescriptorError(f"corrupt arena header: size {size} for a file of {file_size} bytes")
-        return cls(size, table_offset, pages, data_offset, pid, start, created, boot, version, page, align)
+        return cls(size, table_offset, pages, data_offset, pid, start, created, boot, key, version, page, align)
 
 
 @dataclass(frozen=True, slots=True)
 class TensorDescriptor:
-    """Where one tensor lies in a segment, and which reservation of that memory it belongs to.
+    """Where one tensor lies in a segment, which reservation of that memory it belongs to, and its MAC.
+
+    `mac` is `descriptor_mac` of the six other fields under the segment's key (see the module
+    docstring): only a process that can map the segment can make one, and `ArenaReader` reads
+    nothing for a descriptor whose MAC does not verify. The arena makes descriptors already signed
+    (`Arena.descriptor`); `signed` is the same for anyone else who holds the key.
 
     Constructing one checks nothing; `from_json` and every `ArenaReader` entry point call `check()`.
     """
@@ -258,10 +351,21 @@ class TensorDescriptor:
     dtype: str
     shape: tuple[int, ...]
     generation: int
+    mac: str
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def signed(self, key: bytes) -> TensorDescriptor:
+        """This descriptor with `mac` computed under `key` (a segment's `SegmentHeader.key`)."""
+        mac = descriptor_mac(key, self.shm, self.offset, self.nbytes, self.dtype, self.shape, self.generation)
+        return TensorDescriptor(self.shm, self.offset, self.nbytes, self.dtype, self.shape, self.generation, mac)
+
+    def verify(self, key: bytes) -> bool:
+        """Whether `mac` is this descriptor's MAC under `key`, compared in constant time. Call `check()` first."""
+        mac = descriptor_mac(key, self.shm, self.offset, self.nbytes, self.dtype, self.shape, self.generation)
+        return hmac.compare_digest(self.mac, mac)
 
     def check(self) -> None:
         """Raise DescriptorError unless the fields are consistent with each other (no segment needed)."""
@@ -270,18 +374,23 @@ class TensorDescriptor:
         except ValueError as exc:
             raise DescriptorError(f"descriptor.shm: {exc}") from None
         if self.dtype not in DTYPES:
-            raise DescriptorError(f"descriptor.dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise DescriptorError(f"descriptor.dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r:.40}")
         if not 0 <= self.offset < _U63:
             raise DescriptorError(f"descriptor.offset: must be in [0, 2**63), got {self.offset}")
-        if not 1 <= self.generation < 1 << 62:
+        if not 1 <= self.generation < GENERATION_BOUND:
             raise DescriptorError(f"descriptor.generation: must be in [1, 2**62), got {self.generation}")
-        if len(self.shape) > _MAX_NDIM or any(d < 0 for d in self.shape):
-            raise DescriptorError(f"descriptor.shape: at most {_MAX_NDIM} dims, each >= 0, got {self.shape}")
+        # Each dim bounded too: with a 0 elsewhere in the shape, a huge one would pass the nbytes check.
+        if len(self.shape) > _MAX_NDIM or any(not 0 <= d < _U63 for d in self.shape):
+            raise DescriptorError(
+                f"descriptor.shape: at most {_MAX_NDIM} dims, each in [0, 2**63), got {self.shape!r:.80}"
+            )
         expected = self.numel * DTYPES[self.dtype]
         if self.nbytes != expected or expected >= _U63:
             raise DescriptorError(
                 f"descriptor.nbytes: {self.nbytes} != prod(shape {self.shape}) x {DTYPES[self.dtype]} ({expected})"
             )
+        if not isinstance(self.mac, str) or not _MAC_RE.fullmatch(self.mac):
+            raise DescriptorError(f"descriptor.mac: must be 64 lowercase hex digits, got {self.mac!r:.80}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -291,14 +400,16 @@ class TensorDescriptor:
             "dtype": self.dtype,
             "shape": list(self.shape),
             "generation": self.generation,
+            "mac": self.mac,
         }
 
     @classmethod
     def from_json(cls, obj: object) -> TensorDescriptor:
-        """Parse the JSON form strictly: exactly the six fields, exact types (no bools as ints), consistent values.
+        """Parse the JSON form strictly: exactly the seven fields, exact types (no bools as ints), consistent values.
 
         Unknown fields are refused rather than ignored: a newer sidecar that needs more than this
-        reader checks must not be read by it as if nothing had changed.
+        reader checks must not be read by it as if nothing had changed. The MAC is checked against
+        the segment's key by `ArenaReader`, not here: parsing needs no segment.
         """
         if not isinstance(obj, Mapping):
             raise DescriptorError(f"descriptor: must be an object, got {type(obj).__name__}")
@@ -307,8 +418,8 @@ class TensorDescriptor:
             raise DescriptorError(f"descriptor.{missing[0]}: missing")
         extra = sorted(str(k) for k in obj if k not in _FIELDS)
         if extra:
-            raise DescriptorError(f"descriptor.{extra[0]}: unknown field")
-        for name in ("shm", "dtype"):
+            raise DescriptorError(f"descriptor: unknown field {extra[0]!r:.40}")
+        for name in ("shm", "dtype", "mac"):
             if not isinstance(obj[name], str):
                 raise DescriptorError(f"descriptor.{name}: must be a string, got {type(obj[name]).__name__}")
         for name in ("offset", "nbytes", "generation"):
@@ -317,7 +428,7 @@ class TensorDescriptor:
         shape = obj["shape"]
         if not isinstance(shape, list | tuple) or not all(_is_int(d) for d in shape):
             raise DescriptorError(f"descriptor.shape: must be a list of integers, got {shape!r:.80}")
-        desc = cls(obj["shm"], obj["offset"], obj["nbytes"], obj["dtype"], tuple(shape), obj["generation"])
+        desc = cls(obj["shm"], obj["offset"], obj["nbytes"], obj["dtype"], tuple(shape), obj["generation"], obj["mac"])
         desc.check()
         return desc
 
@@ -353,6 +464,12 @@ class ArenaReader:
     a sidecar that restarted under the same name has a new file, and descriptors are then checked
     against it (an old mapping would otherwise answer for memory nobody writes any more).
 
+    Every entry point checks the descriptor in the same order before it reads a byte of the data
+    area or makes a view: its fields (`check`), the segment (named ``mm-sidecar-...``, a regular
+    private file with a valid header), its MAC under that segment's key, then the page table.
+    Every refusal is a DescriptorError whose ``str()`` is `DESCRIPTOR_ERROR`; the cause is on
+    ``.detail``.
+
     Views (`view`, `tensor`) are zero-copy and read-only; writing through a tensor from `tensor()`
     faults, since the mapping is PROT_READ. Drop every view before acking the request: after the
     ack the sidecar reuses the memory. `copy_out` is the safe default: copy, re-check, return.
@@ -370,14 +487,11 @@ class ArenaReader:
 
     def validate(self, desc: TensorDescriptor) -> None:
         """Raise DescriptorError (StaleDescriptor when the extent was reused) unless `desc` may be read now."""
-        desc.check()
-        self._check_extent(self._segment(desc.shm), desc, after_copy=False)
+        self._open(desc)
 
     def view(self, desc: TensorDescriptor) -> npt.NDArray[Any]:
         """A zero-copy read-only numpy view (bfloat16 comes back as its uint16 bit patterns)."""
-        desc.check()
-        seg = self._segment(desc.shm)
-        self._check_extent(seg, desc, after_copy=False)
+        seg = self._open(desc)
         flat = np.frombuffer(seg.mm, dtype=NUMPY_DTYPES[desc.dtype], count=desc.numel, offset=desc.offset)
         return flat.reshape(desc.shape)
 
@@ -439,10 +553,8 @@ class ArenaReader:
         """
         import torch  # noqa: PLC0415 - torch stays optional for importers of the contract
 
-        desc.check()
+        seg = self._open(desc)
         _check_out(out, desc.shape, getattr(torch, desc.dtype))
-        seg = self._segment(desc.shm)
-        self._check_extent(seg, desc, after_copy=False)
         if desc.nbytes:
             src = np.frombuffer(seg.mm, dtype=np.uint8, count=desc.nbytes, offset=desc.offset)
             np.copyto(out.reshape(-1).view(torch.uint8).numpy(), src)
@@ -460,9 +572,7 @@ class ArenaReader:
     def _tensor(self, desc: TensorDescriptor) -> tuple[_Segment, torch.Tensor]:
         import torch  # noqa: PLC0415 - torch stays optional for importers of the contract
 
-        desc.check()
-        seg = self._segment(desc.shm)
-        self._check_extent(seg, desc, after_copy=False)
+        seg = self._open(desc)
         dtype: torch.dtype = getattr(torch, desc.dtype)
         if desc.numel == 0:
             # torch.frombuffer refuses empty buffers; an empty tensor shares nothing anyway.
@@ -474,7 +584,24 @@ class ArenaReader:
             flat = torch.frombuffer(buf, dtype=dtype)
         return seg, flat.view(desc.shape)
 
+    def _open(self, desc: TensorDescriptor) -> _Segment:
+        """The segment `desc` may be read from now; DescriptorError (StaleDescriptor) otherwise.
+
+        The MAC comes before the page table: a forged descriptor learns nothing of the table, not
+        even through what the reader does next.
+        """
+        desc.check()
+        seg = self._segment(desc.shm)
+        if not desc.verify(seg.header.key):
+            raise DescriptorError(
+                f"descriptor [{desc.offset}, +{desc.nbytes}) generation {desc.generation} in segment {desc.shm!r}: "
+                "MAC does not verify under the segment's key (forged, altered, or from a predecessor segment)"
+            )
+        self._check_extent(seg, desc, after_copy=False)
+        return seg
+
     def _segment(self, name: str) -> _Segment:
+        # `name` passed check_segment_name (TensorDescriptor.check): it has our prefix and no "/".
         path = os.path.join(self._directory, name)
         try:
             st = os.stat(path, follow_symlinks=False)
@@ -482,6 +609,9 @@ class ArenaReader:
             raise StaleDescriptor(f"segment {name!r} does not exist in {self._directory}") from None
         except OSError as exc:
             raise DescriptorError(f"segment {name!r}: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            # Refused before any open: a FIFO, socket or device is never anyone's segment.
+            raise DescriptorError(f"segment {name!r} is not a regular file")
         cached = self._segments.get(name)
         if cached is not None:
             if cached.ident == (st.st_dev, st.st_ino):
@@ -518,8 +648,11 @@ class ArenaReader:
         return dropped
 
     def _attach(self, name: str, path: str) -> _Segment:
+        # O_NONBLOCK: if a FIFO replaced the file since the stat, opening it must not wait for a writer
+        # (it changes nothing for a regular file).
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, flags)
         except FileNotFoundError:
             raise StaleDescriptor(f"segment {name!r} does not exist in {self._directory}") from None
         except OSError as exc:
@@ -529,8 +662,14 @@ class ArenaReader:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise DescriptorError(f"segment {name!r} is not a regular file")
+            if st.st_mode & 0o077:
+                # The creator makes it 0600. A file others may read has a key others may know,
+                # and its MACs would prove nothing.
+                raise DescriptorError(f"segment {name!r} is open to other users (mode {stat.S_IMODE(st.st_mode):o})")
             header = SegmentHeader.unpack(os.pread(fd, PAGE, 0), st.st_size)
             mm = mmap.mmap(fd, header.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise DescriptorError(f"segment {name!r}: cannot map: {exc.strerror}") from exc
         finally:
             os.close(fd)
         return _Segment(name, mm, header, (st.st_dev, st.st_ino))

@@ -3,6 +3,7 @@ process, stale and malformed descriptors, segment lifecycle and stale-segment cl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import multiprocessing
@@ -36,6 +37,7 @@ from preprocess.arena import (
     unlink_stale,
 )
 from preprocess.protocol import (
+    DESCRIPTOR_ERROR,
     PAGE,
     STATE_FREE,
     STATE_READY,
@@ -64,6 +66,17 @@ def _published(a: Arena, array: np.ndarray[Any, Any], **kw: Any) -> tuple[Extent
     desc = a.write(ext, 0, array, **kw)
     a.publish(ext)
     return ext, desc
+
+
+@contextlib.contextmanager
+def refused(
+    fragment: str, kind: type[DescriptorError] = DescriptorError
+) -> Iterator[pytest.ExceptionInfo[DescriptorError]]:
+    """Expect a `kind` whose str() is the fixed message and whose detail names the cause."""
+    with pytest.raises(kind) as info:
+        yield info
+    assert str(info.value) == DESCRIPTOR_ERROR
+    assert fragment in info.value.detail, info.value.detail
 
 
 def _bf16_bits(n: int) -> np.ndarray[Any, Any]:
@@ -171,7 +184,7 @@ def _check_invariants(a: Arena) -> None:
 def test_any_reserve_free_sequence_keeps_extents_disjoint_aligned_and_coalesces(ops: list[tuple[str, int]]) -> None:
     with tempfile.TemporaryDirectory() as d:
         # 24 data pages: small enough that runs of every length, and a full arena, come up often.
-        a = Arena.create("prop", 26 * PAGE, directory=d, pretouch=False)
+        a = Arena.create("mm-sidecar-prop-1", 26 * PAGE, directory=d, pretouch=False)
         try:
             last_generation = 0
             published: set[Extent] = set()
@@ -326,7 +339,7 @@ def test_worker_attach_writes_owner_publishes(arena: Arena) -> None:
         worker.close()
     assert os.path.exists(arena.path)  # a worker never unlinks
     with ArenaReader(directory) as reader:
-        with pytest.raises(DescriptorError, match="not published") as info:
+        with refused("not published yet") as info:
             reader.view(desc)
         assert not isinstance(info.value, StaleDescriptor)
         arena.publish(ext)
@@ -371,14 +384,14 @@ def test_freed_and_reused_extent_makes_the_descriptor_stale(arena: Arena) -> Non
     with ArenaReader(os.path.dirname(arena.path)) as reader:
         copy = reader.copy_out(desc)
         arena.free(ext)
-        with pytest.raises(StaleDescriptor, match="freed or reused"):
+        with refused("the extent was freed or reused", StaleDescriptor):
             reader.view(desc)
         again = arena.reserve(8)
         assert again is not None and again.offset == ext.offset and again.generation != ext.generation
         arena.write(again, 0, np.full(100, 7, np.int64))
         arena.publish(again)
         for read in (reader.view, reader.tensor, reader.copy_out, reader.validate):
-            with pytest.raises(StaleDescriptor):
+            with refused("the extent was freed or reused", StaleDescriptor):
                 read(desc)
         # A reservation that starts earlier and covers the old extent's pages is just as visible.
         arena.free(again)
@@ -386,7 +399,7 @@ def test_freed_and_reused_extent_makes_the_descriptor_stale(arena: Arena) -> Non
         assert before is not None
         wide = arena.reserve(3 * PAGE)
         assert wide is not None
-        with pytest.raises(StaleDescriptor):
+        with refused("the extent was freed or reused", StaleDescriptor):
             reader.view(desc)
         assert copy.tolist() == list(range(100))  # the copy taken before the ack is unaffected
         arena.free(before)
@@ -407,7 +420,7 @@ def test_copy_out_detects_reuse_while_copying(arena: Arena) -> None:
             assert arena.reserve(8) is not None
             return out
 
-    with SlowEngine(os.path.dirname(arena.path)) as reader, pytest.raises(StaleDescriptor, match="while it was"):
+    with SlowEngine(os.path.dirname(arena.path)) as reader, refused("changed while it was copied", StaleDescriptor):
         reader.copy_out(desc)
     for e in arena.live_extents():
         arena.free(e)
@@ -421,27 +434,33 @@ def test_publish_with_used_bytes_keeps_the_rest_unreadable(arena: Arena) -> None
     arena.publish(ext, 100)
     with ArenaReader(os.path.dirname(arena.path)) as reader:
         assert reader.view(inside).sum() == 100
-        with pytest.raises(DescriptorError, match="not published"):
+        with refused("not published yet"):
             reader.view(beyond)
     arena.free(ext)
 
 
-def _mutations(good: TensorDescriptor, data_offset: int, data_end: int) -> list[tuple[str, TensorDescriptor]]:
+def _mutations(
+    good: TensorDescriptor, key: bytes, data_offset: int, data_end: int
+) -> list[tuple[str, TensorDescriptor, str]]:
+    """Bad descriptors and the cause each must be refused for. Those the static checks cannot see are
+    signed with the segment's key, so that the reader's own bounds checks, not the MAC, refuse them."""
     r = dataclasses.replace
     return [
-        ("negative offset", r(good, offset=-64)),
-        ("wrong nbytes", r(good, nbytes=good.nbytes - 4)),
-        ("bad dtype", r(good, dtype="float64")),
-        ("object dtype", r(good, dtype="object")),
-        ("negative dim", r(good, shape=(-1, 25), nbytes=100)),
-        ("path traversal", r(good, shm="../../etc/passwd")),
-        ("slash in name", r(good, shm="a/b")),
-        ("zero generation", r(good, generation=0)),
-        ("out of bounds", r(good, offset=data_end - 64)),
-        ("past the end", r(good, offset=data_end + PAGE)),
-        ("in the header", r(good, offset=0)),
-        ("in the table", r(good, offset=data_offset - PAGE)),
-        ("misaligned", r(good, offset=good.offset + 4)),
+        ("negative offset", r(good, offset=-64), "descriptor.offset"),
+        ("wrong nbytes", r(good, nbytes=good.nbytes - 4), "descriptor.nbytes"),
+        ("bad dtype", r(good, dtype="float64"), "descriptor.dtype"),
+        ("object dtype", r(good, dtype="object"), "descriptor.dtype"),
+        ("negative dim", r(good, shape=(-1, 25), nbytes=100), "descriptor.shape"),
+        ("path traversal", r(good, shm="../../etc/passwd"), "descriptor.shm"),
+        ("slash in name", r(good, shm="mm-sidecar-a/b"), "descriptor.shm"),
+        ("zero generation", r(good, generation=0), "descriptor.generation"),
+        ("not hex", r(good, mac="g" * 64), "descriptor.mac"),
+        ("out of bounds", r(good, offset=data_end - 64).signed(key), "outside the data area"),
+        ("past the end", r(good, offset=data_end + PAGE).signed(key), "outside the data area"),
+        ("in the header", r(good, offset=0).signed(key), "outside the data area"),
+        ("in the table", r(good, offset=data_offset - PAGE).signed(key), "outside the data area"),
+        ("misaligned", r(good, offset=good.offset + 4).signed(key), "is not a multiple of 64"),
+        ("moved, not signed", r(good, offset=good.offset + 64), "MAC does not verify"),
     ]
 
 
@@ -449,36 +468,44 @@ def test_bad_descriptors_raise_before_anything_is_read(arena: Arena) -> None:
     _, good = _published(arena, np.ones((4, 25), np.float32))
     head = arena.header
     with ArenaReader(os.path.dirname(arena.path)) as reader:
-        for label, bad in _mutations(good, head.data_offset, head.data_end):
+        for label, bad, cause in _mutations(good, head.key, head.data_offset, head.data_end):
             fresh = ArenaReader(os.path.dirname(arena.path))
-            with pytest.raises(DescriptorError) as info:
+            with refused(cause) as info:
                 fresh.view(bad)
             assert not isinstance(info.value, StaleDescriptor), label
             fresh.close()
-            with pytest.raises(DescriptorError):
+            with refused(cause):
                 reader.tensor(bad)
-        with pytest.raises(StaleDescriptor, match="does not exist"):
+        with refused("does not exist", StaleDescriptor):
             reader.view(dataclasses.replace(good, shm="mm-sidecar-nobody-1"))
         assert reader.view(good).sum() == 100
 
 
 def test_static_checks_do_not_even_attach(tmp_path: Path) -> None:
     reader = ArenaReader(str(tmp_path))
-    bad = TensorDescriptor("x", 4096, 12, "float32", (4,), 1)  # 4 x 4 != 12
-    with pytest.raises(DescriptorError, match="nbytes"):
+    bad = TensorDescriptor("mm-sidecar-x-1", 4096, 12, "float32", (4,), 1, "0" * 64)  # 4 x 4 != 12
+    with refused("descriptor.nbytes"):
         reader.view(bad)
     assert reader.segments == ()
 
 
 def test_symlink_and_foreign_files_are_refused(arena: Arena, tmp_path: Path) -> None:
     _, good = _published(arena, np.ones(16, np.float32))
-    os.symlink(arena.path, tmp_path / "link")
-    (tmp_path / "junk").write_bytes(b"\0" * 3 * PAGE)
+    os.symlink(arena.path, tmp_path / "mm-sidecar-link-1")
+    junk = tmp_path / "mm-sidecar-junk-1"
+    junk.write_bytes(b"SECRETS!" + b"\0" * (3 * PAGE - 8))
+    junk.chmod(0o600)
     with ArenaReader(str(tmp_path)) as reader:
-        with pytest.raises(DescriptorError, match="cannot open"):
-            reader.view(dataclasses.replace(good, shm="link"))
-        with pytest.raises(DescriptorError, match="not an mm-sidecar arena"):
-            reader.view(dataclasses.replace(good, shm="junk"))
+        # Seen by the lstat, before any open (O_NOFOLLOW covers one planted between the two).
+        with refused("not a regular file"):
+            reader.view(dataclasses.replace(good, shm="mm-sidecar-link-1"))
+        with refused("not an mm-sidecar arena") as info:
+            reader.view(dataclasses.replace(good, shm=junk.name))
+        # Another file's bytes reach neither the message nor the log.
+        assert "SECRETS" not in str(info.value) + info.value.detail + repr(info.value)
+        junk.chmod(0o644)
+        with refused("open to other users"):
+            reader.view(dataclasses.replace(good, shm=junk.name))
 
 
 def test_reader_follows_a_segment_replaced_by_a_restarted_sidecar(tmp_path: Path) -> None:
@@ -487,18 +514,22 @@ def test_reader_follows_a_segment_replaced_by_a_restarted_sidecar(tmp_path: Path
     reader = ArenaReader(str(tmp_path))
     assert reader.view(desc).sum() == 16
     first.close()
-    with pytest.raises(StaleDescriptor, match="does not exist"):
+    with refused("does not exist", StaleDescriptor):
         reader.view(desc)
     # Same name, same pid after a container restart: the old descriptor must not read the new file.
+    # The new segment has a new key, so the old descriptor fails its MAC before anything else.
     second = Arena.create("mm-sidecar-r-1", 1 * MiB, directory=str(tmp_path))
-    with pytest.raises(StaleDescriptor):
+    assert second.header.key != first.header.key
+    with refused("MAC does not verify"):
         reader.view(desc)
     _, new = _published(second, np.full(16, 2, np.float32))
     assert new.offset == desc.offset and reader.view(new).sum() == 32
-    # Same name, same offset, but a generation the first segment never issued.
-    assert new.generation != desc.generation
-    with pytest.raises(StaleDescriptor):
+    with refused("MAC does not verify"):
         reader.view(desc)
+    # Same name, same offset, signed with the new key, but a generation the new segment never issued.
+    assert new.generation != desc.generation
+    with refused("the extent was freed or reused", StaleDescriptor):
+        reader.view(desc.signed(second.header.key))
     reader.close()
     second.free(second.live_extents()[0])
     second.close()
@@ -516,13 +547,20 @@ def test_reader_close_reports_views_that_outlive_it(arena: Arena) -> None:
 
 
 def test_descriptor_json_round_trip_and_strictness() -> None:
-    good = TensorDescriptor("mm-sidecar-a-1", 8192, 48, "float32", (3, 4), 5)
+    good = TensorDescriptor("mm-sidecar-a-1", 8192, 48, "float32", (3, 4), 5, "").signed(b"k" * 32)
     assert TensorDescriptor.from_json(good.to_json()) == good
     assert TensorDescriptor.from_json(dict(good.to_json(), shape=(3, 4))) == good
+    assert sorted(good.to_json()) == sorted(("shm", "offset", "nbytes", "dtype", "shape", "generation", "mac"))
     cases: list[tuple[object, str]] = [
         ([], "descriptor: must be an object"),
         ({k: v for k, v in good.to_json().items() if k != "dtype"}, "descriptor.dtype: missing"),
-        (dict(good.to_json(), extra=1), "descriptor.extra: unknown field"),
+        ({k: v for k, v in good.to_json().items() if k != "mac"}, "descriptor.mac: missing"),
+        (dict(good.to_json(), extra=1), "descriptor: unknown field 'extra'"),
+        (dict(good.to_json(), mac=None), "descriptor.mac: must be a string"),
+        (dict(good.to_json(), mac=good.mac.upper()), "descriptor.mac: must be 64 lowercase hex digits"),
+        (dict(good.to_json(), mac=good.mac[:-2]), "descriptor.mac: must be 64 lowercase hex digits"),
+        (dict(good.to_json(), shm="arena0"), "descriptor.shm: segment name must be 'mm-sidecar-'"),
+        (dict(good.to_json(), shape=[0, 2**70], nbytes=0), "descriptor.shape: at most 32 dims, each in [0, 2**63)"),
         (dict(good.to_json(), offset=True), "descriptor.offset: must be an integer"),
         (dict(good.to_json(), nbytes=48.0), "descriptor.nbytes: must be an integer"),
         (dict(good.to_json(), generation="5"), "descriptor.generation: must be an integer"),
@@ -536,9 +574,8 @@ def test_descriptor_json_round_trip_and_strictness() -> None:
         (dict(good.to_json(), offset=2**63), "descriptor.offset"),
     ]
     for obj, message in cases:
-        with pytest.raises(DescriptorError) as info:
+        with refused(message):
             TensorDescriptor.from_json(obj)
-        assert message in str(info.value), (obj, info.value)
 
 
 # --------------------------------------------------------------------------- segment lifecycle

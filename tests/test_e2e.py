@@ -3,6 +3,9 @@
 The engine runs as `mm-sidecar engine --tp 2 --report-checksums` (one per module: starting two
 ranks costs seconds); each rank reports SHA-256 checksums of the tensors it copied out of shared
 memory, which must equal the checksums of the processor's own output for the same image.
+
+The attack tests talk to the engine's port directly, as anything in the pod's network namespace can:
+forged descriptors for a victim's live extent must get the fixed refusal and nothing else.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -28,9 +32,11 @@ import anthropic
 import numpy as np
 import openai
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from preprocess.processors import decode, load_processor, run_processor
+from preprocess.protocol import DESCRIPTOR_ERROR, TensorDescriptor
 from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, STATE
 
@@ -204,22 +210,186 @@ async def test_engine_rejects_bad_and_stale_descriptors_before_reading(engine_ur
         grid = arena.write(extent, 0, np.array([[1, 2, 2]], dtype=np.int64))
         pixels = arena.write(extent, 64, np.zeros((4, 1176), dtype=np.float32))
         arena.publish(extent)
-        stale = dataclasses.replace(grid, generation=grid.generation + 1)
-        outside = dataclasses.replace(grid, offset=arena.size + 4096)
+        # Signed with the segment's key, so that the MAC passes and the generation and bounds checks
+        # are what refuse them; the answer must not say which, nor anything about the arena.
+        key = arena.header.key
+        stale = dataclasses.replace(grid, generation=grid.generation + 1).signed(key)
+        outside = dataclasses.replace(grid, offset=arena.size + 4096).signed(key)
         async with aiohttp.ClientSession() as http:
-            for desc, fragment in ((stale, "the extent was freed or reused"), (outside, "is outside the data area")):
+            for desc in (stale, outside):
                 part = {
                     "type": "image_tensors",
                     "tensors": {"pixel_values": pixels.to_json(), "image_grid_thw": desc.to_json()},
                 }
-                body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [part]}]}
-                async with http.post(engine_url + "/v1/chat/completions", json=body) as resp:
-                    text = await resp.text()
-                    assert resp.status == 400, text
-                    assert fragment in text, text
+                status, message, headers, text = await engine_chat(http, engine_url, [part])
+                assert status == 400 and message == DESCRIPTOR_ERROR, text
+                assert "x-mm-tensor-sha256" not in headers
+                for secret in (arena.name, str(arena.size), str(grid.generation), str(desc.offset), "generation"):
+                    assert secret not in text, (secret, text)
         arena.free(extent)
     finally:
         arena.close()
+
+
+async def engine_chat(
+    http: aiohttp.ClientSession, engine: str, parts: list[dict[str, Any]]
+) -> tuple[int, str | None, dict[str, str], str]:
+    """POST one user message of `parts` to the engine itself: (status, error message, headers, body)."""
+    body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": parts}]}
+    async with http.post(engine + "/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(60)) as resp:
+        text = await resp.text()
+        message = None
+        if resp.status != 200:
+            message = json.loads(text)["error"]["message"]
+        return resp.status, message, {k.lower(): v for k, v in resp.headers.items()}, text
+
+
+class HoldingHop:
+    """Between the sidecar and the engine: records each chat request's body and holds it (the victim's
+    extent stays live) until released. Everything else passes through."""
+
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
+        self.bodies: list[dict[str, Any]] = []
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 28)
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        return app
+
+    async def forward(self, request: web.Request) -> web.Response:
+        data = await request.read()
+        if request.method == "POST" and request.path == "/v1/chat/completions":
+            self.bodies.append(json.loads(data))
+            self.arrived.set()
+            await self.release.wait()
+        headers = {"content-type": request.headers.get("content-type", "application/json")}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(request.method, self.engine + request.path_qs, data=data or None, headers=headers) as resp,
+        ):
+            payload = await resp.read()
+            keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "x-mm-tensor-sha256")}
+            return web.Response(status=resp.status, body=payload, headers=keep)
+
+
+async def test_forged_descriptors_for_a_live_extent_get_the_fixed_refusal_and_read_nothing(
+    aiohttp_server: Any, engine_url: str
+) -> None:
+    from preprocess.arena import Arena, segment_name
+
+    hop = HoldingHop(engine_url)
+    hop_server = await aiohttp_server(hop.app())
+    server = await sidecar(aiohttp_server, str(hop_server.make_url("")).rstrip("/"))
+    data = jpeg(320, 240, 11)
+    want = expected_sums(data)
+    url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    victim_body = {
+        "model": "tiny",
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+    }
+    pid = os.getpid()
+    evil = Arena.create(segment_name(f"e2eevil{pid}"), 1024**2)  # the attacker's own segment and key
+    fifo = f"/dev/shm/mm-sidecar-e2efifo{pid}-1"
+    junk = f"/dev/shm/mm-sidecar-e2ejunk{pid}-1"
+    foreign = f"/dev/shm/e2e-foreign-{pid}"
+    os.mkfifo(fifo, 0o600)
+    for path in (junk, foreign):
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, b"PRIVATE!" * 4096)
+        os.close(fd)
+    try:
+        async with aiohttp.ClientSession() as http:
+            victim = asyncio.create_task(http.post(server.make_url("/v1/chat/completions"), json=victim_body))
+            await asyncio.wait_for(hop.arrived.wait(), 60)
+            # The victim's request is held between the sidecar and the engine: its extent is live.
+            (part,) = [p for p in hop.bodies[0]["messages"][0]["content"] if p["type"] == "image_tensors"]
+            genuine: dict[str, dict[str, Any]] = part["tensors"]
+            fields = {n: TensorDescriptor.from_json(d) for n, d in genuine.items()}
+            victim_segment = fields["pixel_values"].shm
+
+            def forge(change: Any) -> dict[str, Any]:
+                return {"type": "image_tensors", "tensors": {n: change(n, d) for n, d in genuine.items()}}
+
+            forgeries = {
+                "random mac": forge(lambda n, d: {**d, "mac": secrets.token_hex(32)}),
+                "no mac": forge(lambda n, d: {k: v for k, v in d.items() if k != "mac"}),
+                "wrong key": forge(lambda n, d: fields[n].signed(secrets.token_bytes(32)).to_json()),
+                "another segment's key": forge(lambda n, d: fields[n].signed(evil.header.key).to_json()),
+                "one tensor forged": forge(
+                    lambda n, d: {**d, "mac": secrets.token_hex(32)} if n == "pixel_values" else d
+                ),
+                "extra field": forge(lambda n, d: {**d, "sig": d["mac"]}),
+            }
+            probes = {  # names that ask the engine about /dev/shm rather than about the victim
+                "fifo": forge(lambda n, d: {**d, "shm": os.path.basename(fifo)}),
+                "not an arena": forge(lambda n, d: {**d, "shm": os.path.basename(junk)}),
+                "not a segment name": forge(lambda n, d: {**d, "shm": os.path.basename(foreign)}),
+                "no such segment": forge(lambda n, d: {**d, "shm": f"mm-sidecar-nobody{pid}-1"}),
+            }
+            answers = set()
+            for label, forged in {**forgeries, **probes}.items():
+                status, message, headers, text = await engine_chat(http, engine_url, [forged])
+                assert status == 400 and message == DESCRIPTOR_ERROR, (label, text)
+                assert "x-mm-tensor-sha256" not in headers, label  # no rank copied anything for it
+                for secret in (victim_segment, str(fields["pixel_values"].generation), "PRIVATE", "magic", "mode"):
+                    assert secret not in text, (label, secret, text)
+                answers.add(text)
+            assert len(answers) == 1  # the same bytes whatever the cause
+            assert not victim.done()  # the victim's request is still held: the extent was live throughout
+
+            # The control: the same extent with the sidecar's MAC is read by both ranks, so the forgeries
+            # were refused for their MAC alone; and the model thread, which opened the FIFO's name, is
+            # not stuck. (Replaying a genuine descriptor needs the descriptor, which only the sidecar
+            # and the engine see, and works only while its extent is live.)
+            status, _, headers, text = await engine_chat(http, engine_url, [part])
+            assert status == 200, text
+            assert json.loads(headers["x-mm-tensor-sha256"]) == [[want], [want]]
+
+            hop.release.set()
+            async with await victim as resp:
+                assert resp.status == 200, await resp.text()
+                assert json.loads(resp.headers["x-mm-tensor-sha256"]) == [[want], [want]]
+            await assert_idle(server)
+            # After the victim's ack the sidecar freed the extent: the genuine descriptor is stale now.
+            status, message, headers, text = await engine_chat(http, engine_url, [part])
+            assert status == 400 and message == DESCRIPTOR_ERROR, text
+            assert "x-mm-tensor-sha256" not in headers
+    finally:
+        hop.release.set()
+        evil.close()
+        for path in (fifo, junk, foreign):
+            os.unlink(path)
+
+
+async def test_the_sidecar_refuses_image_tensors_parts_from_clients(aiohttp_server: Any, engine_url: str) -> None:
+    # A client-sent descriptor never reaches the engine: the sidecar refuses its own internal part type
+    # (sidecar/classify.py). Genuine here, signed by a real segment, so only that refusal can stop it.
+    from preprocess.arena import Arena, segment_name
+
+    server = await sidecar(aiohttp_server, engine_url)
+    arena = Arena.create(segment_name(f"e2e-client-{os.getpid()}"), 1024**2)
+    try:
+        extent = arena.reserve(64)
+        assert extent is not None
+        desc = arena.write(extent, 0, np.zeros(16, dtype=np.float32))
+        arena.publish(extent)
+        part = {"type": "image_tensors", "tensors": {"pixel_values": desc.to_json()}}
+        body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [part]}]}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(server.make_url("/v1/chat/completions"), json=body) as resp,
+        ):
+            text = await resp.text()
+            assert resp.status == 400, text
+            assert "image_tensors" in json.loads(text)["error"]["message"], text
+        arena.free(extent)
+    finally:
+        arena.close()
+    await assert_idle(server)
 
 
 async def test_usage_counts_the_prompt_the_model_read(aiohttp_server: Any, engine_url: str) -> None:

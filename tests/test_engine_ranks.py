@@ -6,8 +6,10 @@ what it was given. The two-rank tests spawn a gloo group and run `Rank.issue` / 
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
+import secrets
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -21,7 +23,7 @@ import torch
 from engine.ranks import Copy, Drop, Generate, HandoffError, Rank, Stop, checksum
 from engine.staging import StagingPool
 from preprocess.arena import Arena, pack_tensors, segment_name
-from preprocess.protocol import StaleDescriptor, TensorDescriptor
+from preprocess.protocol import DESCRIPTOR_ERROR, StaleDescriptor, TensorDescriptor
 
 MiB = 1 << 20
 ROW = 1176
@@ -153,12 +155,29 @@ def test_a_failed_generate_still_gives_the_buffers_back(rank: Rank, arena: Arena
 def test_a_stale_descriptor_fails_the_handoff_before_anything_is_copied(rank: Rank, arena: Arena) -> None:
     good, _ = publish(arena, 1000, seed=1)
     stale, _ = publish(arena, 1000, seed=2)
-    # A descriptor whose generation the arena never issued reads as freed or reused.
-    gone = {**stale, "pixel_values": _with_generation(stale["pixel_values"], 1)}
-    with pytest.raises(HandoffError):
+    # A descriptor whose generation the arena never issued (signed, so the MAC passes) reads as freed or reused.
+    gone = {**stale, "pixel_values": _with_generation(stale["pixel_values"], 1, arena.header.key)}
+    with pytest.raises(HandoffError) as info:
         rank.issue(Copy("r1", [good, gone]))
+    assert info.value.refused and info.value.status == 400
+    assert str(info.value) == DESCRIPTOR_ERROR and "the extent was freed or reused" in info.value.detail
     assert "r1" not in rank.staged
     assert rank.staging.stats.held == 0 and rank.staging.stats.misses == 0
+
+
+def test_a_forged_descriptor_fails_the_handoff_with_the_fixed_message_only(rank: Rank, arena: Arena) -> None:
+    good, _ = publish(arena, 1000, seed=1)
+    victim, _ = publish(arena, 1000, seed=2)
+    # The victim's live extent, its layout and generation, with a MAC made under some other key.
+    forged = {n: d.signed(secrets.token_bytes(32)) for n, d in victim.items()}
+    for image in (forged, {**victim, "pixel_values": dataclasses.replace(victim["pixel_values"], mac="0" * 64)}):
+        with pytest.raises(HandoffError) as info:
+            rank.issue(Copy("r1", [good, image], checksums=True))
+        assert info.value.refused and info.value.status == 400
+        assert str(info.value) == DESCRIPTOR_ERROR and "MAC does not verify" in info.value.detail
+        assert "r1" not in rank.staged
+        assert rank.staging.stats.held == 0 and rank.staging.stats.misses == 0  # nothing was copied
+    assert model_of(rank).seen == []
 
 
 def test_a_copy_that_fails_midway_gives_back_what_it_took(
@@ -177,8 +196,9 @@ def test_a_copy_that_fails_midway_gives_back_what_it_took(
         return real(desc, *args, **kwargs)
 
     monkeypatch.setattr(rank.reader, "copy_out", reused_while_copying)
-    with pytest.raises(HandoffError, match="changed while it was copied"):
+    with pytest.raises(HandoffError) as info:
         rank.issue(Copy("r1", [first, second]))
+    assert str(info.value) == DESCRIPTOR_ERROR and "changed while it was copied" in info.value.detail
     stats = rank.staging.stats
     assert "r1" not in rank.staged
     assert (stats.held, stats.still_shared) == (0, 0)
@@ -189,7 +209,7 @@ def test_when_another_rank_fails_the_copies_made_here_go_back_to_the_pool(
     rank: Rank, arena: Arena, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     descs, _ = publish(arena, 1000)
-    monkeypatch.setattr(rank, "_agree", lambda ok, sums: (False, []))
+    monkeypatch.setattr(rank, "_agree", lambda ok, refused, sums: (False, [], []))
     with pytest.raises(HandoffError, match="another rank"):
         rank.issue(Copy("r1", [descs, descs]))
     stats = rank.staging.stats
@@ -229,8 +249,8 @@ def test_copies_go_unpooled_when_the_pool_is_full(tmp_path: Path, arena: Arena) 
         rank.reader.close()
 
 
-def _with_generation(desc: TensorDescriptor, generation: int) -> TensorDescriptor:
-    return TensorDescriptor(desc.shm, desc.offset, desc.nbytes, desc.dtype, desc.shape, generation)
+def _with_generation(desc: TensorDescriptor, generation: int, key: bytes) -> TensorDescriptor:
+    return dataclasses.replace(desc, generation=generation).signed(key)
 
 
 # -- two ranks ------------------------------------------------------------------------------------------
@@ -261,7 +281,7 @@ def _rank_main(rank: int, port: int, links: list[Any], shm_dirs: list[str], jobs
                 sums = state.issue(Copy(request, images, checksums=True))
                 results.put((request, "ok", sums, state.staging.stats.held))
             except HandoffError as exc:
-                results.put((request, "failed", str(exc), state.staging.stats.held))
+                results.put((request, "failed", (str(exc), exc.refused, exc.detail), state.staging.stats.held))
             state.issue(Drop(request))
         state.issue(Stop())
     finally:
@@ -314,9 +334,27 @@ def test_when_one_rank_cannot_read_every_rank_drops_its_copy(tmp_path: Path, are
     elsewhere = tmp_path / "elsewhere"  # rank 1 looks for the segment in an empty directory
     elsewhere.mkdir()
     got = _run_two_ranks([str(tmp_path), str(elsewhere)], [("r1", [descs])])
-    status, message, held = got["r1"]
-    assert status == "failed" and "another rank" in message
+    status, (message, refused, detail), held = got["r1"]
+    # Rank 1 refused the descriptor (no such segment there): the answer is the fixed message, and
+    # rank 0's log line says which rank.
+    assert status == "failed" and message == DESCRIPTOR_ERROR and refused
+    assert "another rank (1) refused a descriptor" in detail
     assert held == 0  # rank 0 copied, then gave its buffer back when the ranks disagreed
+    assert got["rank1"] == (0, 0)
+
+
+def test_two_ranks_refuse_a_forged_descriptor_and_go_on_serving(tmp_path: Path, arena: Arena) -> None:
+    victim, arrays = publish(arena, 1000, seed=3)
+    forged = {n: d.signed(secrets.token_bytes(32)) for n, d in victim.items()}
+    got = _run_two_ranks([str(tmp_path), str(tmp_path)], [("forged", [forged]), ("genuine", [victim])])
+    status, (message, refused, detail), held = got["forged"]
+    assert status == "failed" and message == DESCRIPTOR_ERROR and refused
+    assert "rank 0: " in detail and "MAC does not verify" in detail
+    assert held == 0
+    # Same extent, the sidecar's own MAC: both ranks read it (the forgery was refused for its MAC alone).
+    status, sums, _ = got["genuine"]
+    expected = {n: checksum(torch.from_numpy(a)) for n, a in arrays.items()}
+    assert status == "ok" and sums == [[expected], [expected]]
     assert got["rank1"] == (0, 0)
 
 

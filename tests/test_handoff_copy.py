@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from preprocess.arena import Arena, Extent, segment_name
-from preprocess.protocol import ArenaReader, StaleDescriptor, TensorDescriptor
+from preprocess.protocol import DESCRIPTOR_ERROR, ArenaReader, StaleDescriptor, TensorDescriptor
 
 MiB = 1 << 20
 
@@ -88,8 +88,9 @@ def test_a_stale_descriptor_is_refused_before_out_is_touched(arena: Arena) -> No
     ext, desc = published(arena, np.ones(100, np.float32))
     arena.free(ext)
     out = torch.full((100,), 3.0)
-    with ArenaReader(os.path.dirname(arena.path)) as reader, pytest.raises(StaleDescriptor):
+    with ArenaReader(os.path.dirname(arena.path)) as reader, pytest.raises(StaleDescriptor) as info:
         reader.copy_out(desc, out=out)
+    assert str(info.value) == DESCRIPTOR_ERROR and "the extent was freed or reused" in info.value.detail
     assert bool((out == 3.0).all())
 
 
@@ -103,8 +104,9 @@ def test_reuse_while_copying_into_out_is_detected(arena: Arena, monkeypatch: pyt
         assert arena.reserve(8) is not None
 
     monkeypatch.setattr(np, "copyto", sidecar_gives_up_meanwhile)
-    with ArenaReader(os.path.dirname(arena.path)) as reader, pytest.raises(StaleDescriptor, match="while it was"):
+    with ArenaReader(os.path.dirname(arena.path)) as reader, pytest.raises(StaleDescriptor) as info:
         reader.copy_out(desc, out=torch.empty(1000))
     monkeypatch.undo()
+    assert str(info.value) == DESCRIPTOR_ERROR and "changed while it was copied" in info.value.detail
     for e in arena.live_extents():
         arena.free(e)
