@@ -11,24 +11,39 @@ standard library and follows three rules everywhere:
 * anything malformed surfaces as ``ProbeError`` with a short human reason; nothing else escapes.
 
 Size limits are not enforced here: dimensions are reported as stored (even above 2**24) and the
-caller decides.
+caller decides. One bound is: the header must lie in the first ``max_header_bytes`` of the input
+(``DEFAULT_MAX_HEADER_BYTES``, 1 MiB, unless the caller passes its ``limits.max_header_bytes``).
+A JPEG can put any number of APP segments before its frame header, a PNG any number of chunks
+before IDAT, a GIF any number of extensions before its first image; without the bound, finding
+the header of a 20 MiB inline image would mean decoding all of its base64 on the event loop.
+
+The header ends where nothing later in the file can change the size PIL decodes: the first scan
+(SOS) for JPEG, whose frame headers all precede it and PIL keeps the last; the first IDAT for PNG,
+before which PIL honours every IHDR; frame 0's image descriptor for GIF, which may grow the canvas
+(PIL decodes frame 0 only, as everything downstream does); the first chunk for WebP, the first IFD
+for TIFF, the info header and palette for BMP. A second JPEG frame header or PNG IHDR before that
+point is refused: the probe would price one size and PIL decode another.
 
 Partial input. The caller may probe growing prefixes of a payload. ``NeedMoreData`` (a
-``ProbeError``) means the bytes end before format, width, height and mode are known; its ``need``
-is a lower bound on the total length to supply next (exact when the header has a fixed size).
-Once those are known a header is returned even if the rest of the metadata walk was cut short;
-``frames is None`` marks such a partial result: the frame count is unknown and ``orientation``
-reflects only the bytes seen (WebP, for instance, stores EXIF after the image data). For GIF the
-size of a partial result is the logical screen, which later frames may still enlarge. Called with
-the whole payload, ``frames is None`` means the file itself is truncated.
+``ProbeError``) means the bytes end before the header does; its ``need`` is a lower bound on the
+total length to supply next (exact when the header has a fixed size), and its ``header`` is what
+the bytes say if they are the whole file (format, size and mode read so far, ``frames`` None), or
+None before the size was read. Once the header is complete a result is returned even if the rest
+of the metadata walk was cut short; ``frames is None`` marks such a partial result: the frame
+count is unknown and ``orientation`` reflects only the bytes seen (WebP, for instance, stores EXIF
+after the image data). Called with the whole payload, ``frames is None`` means the file itself is
+truncated (or that ``count_frames=False`` skipped the count).
 
 Where the result knowingly differs from what PIL reports after ``Image.open``:
 
 * TIFF: PIL's ``size`` already has the orientation tag applied; it equals ``display_size`` here.
 * GIF: ``mode`` is always "P" (PIL says "L" when the palette is missing or an identity gray
-  ramp), and the size covers every frame, where PIL grows it only as frames are visited.
+  ramp). The size is frame 0's canvas, as PIL's; PIL grows it further only when later frames
+  that overflow it are visited, which a decode of frame 0 never does.
 * JPEG: multi-picture files (PIL format "MPO") are reported as "JPEG" with one frame.
 * PNG: an eXIf chunk after the first IDAT is not read (PIL finds it on load).
+* WebP: ``mode`` follows the VP8X alpha flag; PIL follows the bitstream. (A VP8X canvas that
+  differs from its bitstream's size is refused by libwebp at open, so sizes cannot disagree.)
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ from types import MappingProxyType
 from typing import Final
 
 __all__ = [
+    "DEFAULT_MAX_HEADER_BYTES",
     "WALK_LIMITS",
     "ImageHeader",
     "NeedMoreData",
@@ -49,15 +65,28 @@ __all__ = [
     "sniff_format",
 ]
 
-# Upper bound on the segments, chunks, blocks or IFDs one probe may visit, per format. Each is
-# far above what legitimate files hold (a JPEG has tens of segments before its frame header, a
-# PNG a handful of chunks before IDAT; GIF encoders write 255-byte sub-blocks, so 2**17 steps is
-# ~32 MiB of LZW data), while a hostile file of minimal blocks is cut off after at most ~15 ms of
-# pure-Python looping on the event loop. Exceeding a limit is a ProbeError, not a partial result:
-# more bytes would not help.
+# Upper bound on the segments, chunks, blocks, IFDs or IFD entries one probe may visit, per format.
+# Each is far above what legitimate files hold (a JPEG has tens of segments before its scan, a PNG
+# tens of chunks before IDAT, a TIFF tens of entries in an IFD; GIF encoders write 255-byte
+# sub-blocks, so 2**17 steps is ~32 MiB of LZW data), while a hostile file of minimal blocks is cut
+# off after at most ~15 ms of pure-Python looping on the event loop. The walks that are all header
+# (JPEG, PNG) and the part of GIF's before its first image (``_GIF_HEADER_STEPS``) get about a
+# millisecond: `sources.header_prefix` may probe a growing prefix a few times. Exceeding a limit is
+# a ProbeError, not a partial result: more bytes would not help.
 WALK_LIMITS: Final[Mapping[str, int]] = MappingProxyType(
-    {"JPEG": 1 << 12, "PNG": 1 << 14, "GIF": 1 << 17, "WEBP": 1 << 14, "TIFF": 1 << 12}
+    {"JPEG": 1 << 10, "PNG": 1 << 10, "GIF": 1 << 17, "WEBP": 1 << 14, "TIFF": 1 << 12}
 )
+_GIF_HEADER_STEPS: Final = 1 << 13  # an XMP packet, stored as sub-blocks of ~80 bytes, fits 640 KiB
+
+# Where the header must end unless the caller says otherwise (the sidecar passes its
+# limits.max_header_bytes). Camera and phone files keep what precedes the frame header far below it:
+# EXIF is one APP1 segment (< 64 KiB by the format), embedded ICC profiles a few KiB (sRGB
+# IEC61966-2.1: 3 KiB; Display P3: about 0.5 KiB), an XMP packet a few KiB, MPF's index a few hundred
+# bytes (the pictures it indexes, gain maps and depth maps, follow the first EOI, which the probe never
+# reaches). The known exception: Google's depth-map XMP (GDepth/GImage, Lens Blur era) carries
+# base64 images in extended-XMP APP1 segments before the frame header and can pass 1 MiB; such
+# files are refused unless the operator raises the limit.
+DEFAULT_MAX_HEADER_BYTES: Final = 1 << 20
 
 
 class ProbeError(ValueError):
@@ -71,13 +100,15 @@ class NeedMoreData(ProbeError):
     with fewer bytes cannot succeed, one with more may still ask for more.
     """
 
-    def __init__(self, message: str, need: int | None = None) -> None:
+    def __init__(self, message: str, need: int | None = None, header: ImageHeader | None = None) -> None:
         super().__init__(message)
         self.need = need
+        # What the bytes say if they are the whole file (frames None): see the module docstring.
+        self.header = header
 
-    def __reduce__(self) -> tuple[type[NeedMoreData], tuple[str, int | None]]:
-        # Keep the exception picklable/copyable despite the extra constructor argument.
-        return (type(self), (str(self), self.need))
+    def __reduce__(self) -> tuple[type[NeedMoreData], tuple[str, int | None, ImageHeader | None]]:
+        # Keep the exception picklable/copyable despite the extra constructor arguments.
+        return (type(self), (str(self), self.need, self.header))
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +150,12 @@ def _zero_dimension(fmt: str, width: int, height: int) -> ProbeError:
     return ProbeError(f"{fmt} header has a zero dimension ({width}x{height})")
 
 
-def _truncated(fmt: str, need: int | None) -> NeedMoreData:
-    return NeedMoreData(f"truncated {fmt} header", need)
+def _truncated(fmt: str, need: int | None, header: ImageHeader | None = None) -> NeedMoreData:
+    return NeedMoreData(f"truncated {fmt} header", need, header)
+
+
+def _header_limit(limit: int) -> ProbeError:
+    return ProbeError(f"no image header in the first {limit} bytes (limits.max_header_bytes)")
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -214,19 +249,24 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
-def _probe_tiff(buf: bytes) -> ImageHeader:
+def _probe_tiff(buf: bytes, limit: int, count_frames: bool) -> ImageHeader:
     n = len(buf)
-    if n < 8:
+    # The header is the first IFD and the values it points to, wherever the IFD offset says, and
+    # must end by `limit`; the chain of further IFDs (frames) is followed over everything given.
+    head_end = min(n, limit)
+    if head_end < 8:
         raise _truncated("TIFF", 8)
     e = "<" if buf[:2] == b"II" else ">"
     (ifd,) = struct.unpack_from(e + "I", buf, 4)
     if ifd < 8:
         raise ProbeError("corrupt TIFF header (IFD offset inside header)")
-    if ifd + 2 > n:
+    if ifd + 2 > head_end:
         raise _truncated("TIFF", ifd + 2)
     (count,) = struct.unpack_from(e + "H", buf, ifd)
+    walk = _Walk("TIFF")
+    walk.tick(count)  # every entry is read below: up to 65535, ~20 ms, if not bounded
     end = ifd + 2 + 12 * count
-    if end > n:
+    if end > head_end:
         raise _truncated("TIFF", end)
 
     def first_value(entry: int) -> int | None:
@@ -238,7 +278,7 @@ def _probe_tiff(buf: bytes) -> ImageHeader:
         at = entry + 8
         if size * cnt > 4:
             (at,) = struct.unpack_from(e + "I", buf, entry + 8)
-            if at + size > n:
+            if at + size > head_end:
                 raise _truncated("TIFF", at + size)
         fmt = {1: "B", 2: "H", 4: "I"}[size]
         if typ in (6, 8, 9):
@@ -250,6 +290,7 @@ def _probe_tiff(buf: bytes) -> ImageHeader:
     for i in range(count):
         entry = ifd + 2 + 12 * i
         (tag,) = struct.unpack_from(e + "H", buf, entry)
+        # A repeated tag: the first one counts, as in PIL's IFD reader.
         if tag in (256, 257, 258, 259, 262, 274, 277) and tag not in fields:
             fields[tag] = first_value(entry)
     width, height = fields.get(256), fields.get(257)
@@ -267,9 +308,10 @@ def _probe_tiff(buf: bytes) -> ImageHeader:
         compression=fields.get(259) or 1,
     )
 
+    if not count_frames:
+        return ImageHeader("TIFF", width, height, mode, None, orientation)
     # PIL counts every IFD in the chain as a frame; follow the next-IFD pointers the same way.
     # The visited set catches loops; the walk limit keeps that set small.
-    walk = _Walk("TIFF")
     frames: int | None = 1
     seen = {ifd}
     at = end
@@ -326,11 +368,20 @@ _STANDALONE_MARKERS: Final = frozenset({0x01, *range(0xD0, 0xD9)})
 _JPEG_MODES: Final = {1: "L", 3: "RGB", 4: "CMYK"}
 
 
-def _probe_jpeg(buf: bytes) -> ImageHeader:
+def _probe_jpeg(buf: bytes, limit: int, count_frames: bool) -> ImageHeader:
+    # Everything up to the first scan is header (see the module docstring): search it in the
+    # first `limit` bytes only.
+    buf = buf[:limit]
     n = len(buf)
     walk = _Walk("JPEG")
     orientation = 1
     exif_seen = False
+    frame: tuple[int, int, str] | None = None  # (width, height, mode) of the frame header
+
+    def truncated(need: int | None) -> NeedMoreData:
+        known = None if frame is None else ImageHeader("JPEG", *frame, None, orientation)
+        return _truncated("JPEG", need, known)
+
     pos = 2
     while True:
         walk.tick()
@@ -338,32 +389,41 @@ def _probe_jpeg(buf: bytes) -> ImageHeader:
         # anchored regex run at C speed, so long junk or fill runs cost no Python steps.
         ff = buf.find(b"\xff", pos)
         if ff < 0:
-            raise _truncated("JPEG", None)
+            raise truncated(None)
         run = _FF_RUN.match(buf, ff)
         assert run is not None
         pos = run.end()
         if pos >= n:
-            raise _truncated("JPEG", pos + 3)
+            raise truncated(pos + 3)
         marker = buf[pos]
         pos += 1
         if marker == 0x00 or marker in _STANDALONE_MARKERS:
             # 0xFF00 is a stuffed byte, meaningless before a scan: treat as junk like PIL does.
             continue
         if marker == 0xD9:
-            raise ProbeError("JPEG ends before its frame header")
+            if frame is None:
+                raise ProbeError("JPEG ends before its frame header")
+            # PIL reads on past an EOI up to the scan, and so takes any frame header behind it.
+            continue
         if marker == 0xDA:
-            raise ProbeError("JPEG scan starts before its frame header")
+            if frame is None:
+                raise ProbeError("JPEG scan starts before its frame header")
+            return ImageHeader("JPEG", *frame, 1, orientation)
         if pos + 2 > n:
-            raise _truncated("JPEG", pos + 2)
+            raise truncated(pos + 2)
         (length,) = struct.unpack_from(">H", buf, pos)
         if length < 2:
             raise ProbeError("corrupt JPEG segment length")
         seg_end = pos + length
         if marker in _SOF_MARKERS:
+            if frame is not None:
+                # PIL's open keeps the last frame header's size and mode and libjpeg refuses the
+                # second; pricing the first would admit an image at a size nothing decodes.
+                raise ProbeError("JPEG has more than one frame header before its scan")
             if length < 8:
                 raise ProbeError("corrupt JPEG frame header")
             if pos + 8 > n:
-                raise _truncated("JPEG", pos + 8)
+                raise truncated(pos + 8)
             height, width, components = struct.unpack_from(">HHB", buf, pos + 3)
             if width == 0:
                 raise _zero_dimension("JPEG", width, height)
@@ -373,20 +433,20 @@ def _probe_jpeg(buf: bytes) -> ImageHeader:
             mode = _JPEG_MODES.get(components)
             if mode is None:
                 raise ProbeError(f"unsupported JPEG component count ({components})")
-            return ImageHeader("JPEG", width, height, mode, 1, orientation)
-        if marker == 0xE1 and not exif_seen and length >= 8:
+            frame = (width, height, mode)
+        elif marker == 0xE1 and not exif_seen and length >= 8:
             # APP1 also carries XMP; only the first "Exif" one counts, as in PIL.
             if pos + 7 > n:
-                raise _truncated("JPEG", pos + 7)
+                raise truncated(pos + 7)
             if buf[pos + 2 : pos + 7] == b"Exif\x00":
                 if seg_end > n:
-                    raise _truncated("JPEG", seg_end + 4)
+                    raise truncated(seg_end + 4)
                 exif_seen = True
                 orientation = _exif_orientation(buf[pos + 2 : seg_end])
-        # Skipping needs no bytes of the segment, but the frame header lies beyond it.
+        # Skipping needs no bytes of the segment, but the next marker lies beyond it.
         pos = seg_end
         if pos + 4 > n:
-            raise _truncated("JPEG", pos + 4)
+            raise truncated(pos + 4)
 
 
 # --------------------------------------------------------------------------- PNG
@@ -410,9 +470,13 @@ _PNG_MODES: Final = {
     (16, 6): "RGBA",
 }
 _PNG_IHDR_END: Final = 8 + 8 + 13  # signature, IHDR length+type, IHDR data
+# The chunks where PIL's open stops reading headers (IEND: a file without image data, refused on load).
+_PNG_IMAGE_DATA: Final = frozenset({b"IDAT", b"fdAT", b"IEND"})
 
 
-def _probe_png(buf: bytes) -> ImageHeader:
+def _probe_png(buf: bytes, limit: int, count_frames: bool) -> ImageHeader:
+    # Everything up to the first IDAT is header (see the module docstring).
+    buf = buf[:limit]
     n = len(buf)
     if n < 16:
         raise _truncated("PNG", _PNG_IHDR_END)
@@ -430,32 +494,35 @@ def _probe_png(buf: bytes) -> ImageHeader:
     if mode is None:
         raise ProbeError(f"unsupported PNG bit depth {depth} with color type {color}")
 
-    # Walk the ancillary chunks up to the first IDAT: acTL (APNG) must precede it, and eXIf is
-    # read there too. Bytes ending before IDAT give a partial result (frames None) unless acTL,
-    # which fixes the frame count, was already seen. eXIf after IDAT (which PIL also honours on
-    # load) is not looked for: it would need the whole file.
+    # Walk the chunks up to the first IDAT, as PIL's open does: acTL (APNG) must precede it,
+    # eXIf is read there too, and a second IHDR would replace the size PIL decodes. eXIf after
+    # IDAT (which PIL also honours on load) is not looked for: it would need the whole file.
     walk = _Walk("PNG")
     orientation = 1
     exif_seen = False
     actl_frames: int | None = None
-    complete = False
+
+    def truncated(need: int) -> NeedMoreData:
+        return _truncated("PNG", need, ImageHeader("PNG", width, height, mode, None, orientation))
+
     pos = _PNG_IHDR_END + 4  # skip the IHDR CRC
     while True:
         walk.tick()
         if pos + 8 > n:
-            break
+            raise truncated(pos + 8)
         length, ctype = struct.unpack_from(">I4s", buf, pos)
         if length > 0x7FFFFFFF:
             raise ProbeError("corrupt PNG chunk length")
-        if ctype in (b"IDAT", b"IEND"):
-            complete = True
+        if ctype in _PNG_IMAGE_DATA:
             break
+        if ctype == b"IHDR":
+            raise ProbeError("PNG has more than one IHDR chunk")
         data_end = pos + 8 + length
         if ctype == b"acTL":
             if length < 8:
                 raise ProbeError("corrupt PNG acTL chunk")
             if pos + 12 > n:
-                break
+                raise truncated(pos + 12)
             # Mirror PIL: a repeated acTL invalidates the animation, an implausible count is
             # ignored; either way the file falls back to its default image.
             if actl_frames is not None:
@@ -466,15 +533,11 @@ def _probe_png(buf: bytes) -> ImageHeader:
                     actl_frames = num
         elif ctype == b"eXIf" and not exif_seen:
             if data_end > n:
-                break
+                raise truncated(data_end)
             exif_seen = True
             orientation = _exif_orientation(buf[pos + 8 : data_end])
         pos = data_end + 4  # chunk CRC; not checked, the decoder will
-    if actl_frames is not None:
-        frames: int | None = actl_frames
-    else:
-        frames = 1 if complete else None
-    return ImageHeader("PNG", width, height, mode, frames, orientation)
+    return ImageHeader("PNG", width, height, mode, actl_frames or 1, orientation)
 
 
 # --------------------------------------------------------------------------- GIF
@@ -484,41 +547,55 @@ _GIF_BLOCK_COST: Final = 8
 _GIF_STRAY: Final = re.compile(rb"[^\x21\x2c\x3b]+")
 
 
-def _probe_gif(buf: bytes) -> ImageHeader:
+def _probe_gif(buf: bytes, limit: int, count_frames: bool) -> ImageHeader:
     n = len(buf)
-    if n < 13:
+    # The header runs to frame 0's image descriptor and must end by `limit`; the frame count after
+    # it is walked over everything given.
+    head_end = min(n, limit)
+    if head_end < 13:
         raise _truncated("GIF", 13)
     width, height, flags = struct.unpack_from("<HHB", buf, 6)
     if width == 0 or height == 0:
         raise _zero_dimension("GIF", width, height)
+    screen = ImageHeader("GIF", width, height, "P", None, 1)
     pos = 13
     if flags & 0x80:
         pos += 3 << ((flags & 7) + 1)  # global color table
     # Steps are counted inline (no _Walk) because this is the one walk that covers the whole
     # file. A block costs more than a sub-block: it does several times the Python work.
-    limit = WALK_LIMITS["GIF"]
+    limit_steps = WALK_LIMITS["GIF"]
     steps = 0
     frames = 0
     complete = False
     while True:
         steps += _GIF_BLOCK_COST
-        if steps > limit:
+        if steps > (limit_steps if frames else _GIF_HEADER_STEPS):
             raise ProbeError("GIF has too many blocks to probe")
-        if pos >= n:
+        end = n if frames else head_end
+        if pos >= end:
+            if not frames:
+                raise _truncated("GIF", pos + 1, screen)
             break
         block = buf[pos]
         if block == 0x3B:  # trailer
             complete = True
             break
         if block == 0x2C:  # image descriptor
-            if pos + 10 > n:
+            if pos + 10 > end:
+                if not frames:
+                    raise _truncated("GIF", pos + 10, screen)
                 break
             x, y, w, h, fl = struct.unpack_from("<HHHHB", buf, pos + 1)
+            if not frames:
+                # PIL's open grows the canvas to fit frame 0 where it overflows the logical screen
+                # (and grows it again only when later frames are visited, which decoding frame 0
+                # never does): report the canvas that frame 0 is decoded into.
+                width = max(width, x + w)
+                height = max(height, y + h)
             frames += 1
-            # PIL grows the canvas to fit a frame that overflows the logical screen; report the
-            # grown size so limits apply to what a decoder will actually allocate.
-            width = max(width, x + w)
-            height = max(height, y + h)
+            if not count_frames:
+                return ImageHeader("GIF", width, height, "P", None, 1)
+            end = n
             pos += 10
             if fl & 0x80:
                 pos += 3 << ((fl & 7) + 1)  # local color table
@@ -528,20 +605,22 @@ def _probe_gif(buf: bytes) -> ImageHeader:
         else:
             # PIL ignores stray bytes between blocks; do the same so frame counts agree, skipping
             # the whole run at C speed.
-            stray = _GIF_STRAY.match(buf, pos)
+            stray = _GIF_STRAY.match(buf, pos, end)
             assert stray is not None
             pos = stray.end()
             continue
         # Data sub-blocks: a length byte then that many bytes, ended by a zero length.
-        while pos < n:
+        while pos < end:
             size = buf[pos]
             pos += size + 1
             if size == 0:
                 break
             steps += 1
-            if steps > limit:
+            if steps > (limit_steps if frames else _GIF_HEADER_STEPS):
                 raise ProbeError("GIF has too many blocks to probe")
         else:
+            if not frames:
+                raise _truncated("GIF", pos + 1, screen)
             break
     if complete and frames == 0:
         raise ProbeError("GIF has no frames")
@@ -551,15 +630,18 @@ def _probe_gif(buf: bytes) -> ImageHeader:
 # --------------------------------------------------------------------------- WebP
 
 
-def _probe_webp(buf: bytes) -> ImageHeader:
+def _probe_webp(buf: bytes, limit: int, count_frames: bool) -> ImageHeader:
     n = len(buf)
-    if n < 20:
+    # The header is the first chunk's fixed fields and must end by `limit`; the chunk walk after
+    # it (frames, EXIF) reads everything given.
+    head_end = min(n, limit)
+    if head_end < 20:
         raise _truncated("WEBP", 25)  # the shortest complete header is VP8L's
     (riff_size,) = struct.unpack_from("<I", buf, 4)
     riff_end = 8 + riff_size
     fourcc, size = struct.unpack_from("<4sI", buf, 12)
     if fourcc == b"VP8 ":
-        if n < 30:
+        if head_end < 30:
             raise _truncated("WEBP", 30)
         # Frame tag (3 bytes), then the key frame start code and 14-bit dimensions (+2 bits scale).
         if buf[20] & 1 or buf[23:26] != b"\x9d\x01\x2a":
@@ -570,7 +652,7 @@ def _probe_webp(buf: bytes) -> ImageHeader:
             raise _zero_dimension("WEBP", width, height)
         return ImageHeader("WEBP", width, height, "RGB", 1, 1)
     if fourcc == b"VP8L":
-        if n < 25:
+        if head_end < 25:
             raise _truncated("WEBP", 25)
         if buf[20] != 0x2F:
             raise ProbeError("corrupt WebP VP8L header")
@@ -585,7 +667,7 @@ def _probe_webp(buf: bytes) -> ImageHeader:
         raise ProbeError(f"unsupported WebP chunk {fourcc!r}")
     if size < 10:
         raise ProbeError("corrupt WebP VP8X chunk")
-    if n < 30:
+    if head_end < 30:
         raise _truncated("WEBP", 30)
     flags = buf[20]
     width = int.from_bytes(buf[24:27], "little") + 1
@@ -636,7 +718,8 @@ def _probe_webp(buf: bytes) -> ImageHeader:
 _BMP_INFO_SIZES: Final = frozenset({40, 52, 56, 64, 108, 124})
 
 
-def _probe_bmp(buf: bytes) -> ImageHeader:
+def _probe_bmp(buf: bytes, limit: int, count_frames: bool) -> ImageHeader:
+    buf = buf[:limit]  # all header: the info header, its masks and its palette
     n = len(buf)
     if n < 18:
         raise _truncated("BMP", 26)
@@ -716,12 +799,22 @@ _PROBES: Final = {
 }
 
 
-def probe(data: bytes | memoryview) -> ImageHeader:
+def probe(
+    data: bytes | memoryview, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, count_frames: bool = True
+) -> ImageHeader:
     """Read format, size, mode, frames and orientation from the header bytes, without decoding.
 
-    Raises ``NeedMoreData`` if ``data`` ends before the size is known (see the module docstring
-    for what a partial result means) and ``ProbeError`` for anything that is not a supported image.
+    The header must end within the first ``max_header_bytes`` bytes: when ``data`` is longer and
+    the header is not complete by then, the image is refused (``ProbeError``) rather than searched
+    further. ``count_frames=False`` skips the walks after the header that only count frames (GIF's
+    blocks, TIFF's IFD chain: ``frames`` is None for those), for a caller that prices the image by
+    its header alone and may probe a growing prefix several times.
+
+    Raises ``NeedMoreData`` if ``data`` ends before the header does (see the module docstring for
+    what a partial result means) and ``ProbeError`` for anything that is not a supported image.
     """
+    if max_header_bytes < 1:
+        raise ValueError(f"max_header_bytes must be positive, got {max_header_bytes}")
     # One contiguous copy for memoryviews (and bytearray) so the parsers can use bytes.find and
     # struct on it; this is proportional to what was received, never to what the file claims.
     buf = data if isinstance(data, bytes) else bytes(data)
@@ -731,7 +824,13 @@ def probe(data: bytes | memoryview) -> ImageHeader:
     if fmt is None:
         raise _reject_unknown(buf)
     try:
-        return _PROBES[fmt](buf)
+        return _PROBES[fmt](buf, max_header_bytes, count_frames)
+    except NeedMoreData:
+        if len(buf) > max_header_bytes:
+            # The parsers stop looking for the header at the limit, so running out of bytes
+            # there means it does not end in time; more data cannot help.
+            raise _header_limit(max_header_bytes) from None
+        raise
     except (struct.error, IndexError) as exc:  # pragma: no cover - every read is bounds-checked
         # A missed bounds check must still surface as a rejection, not a 500.
         raise ProbeError(f"corrupt {fmt} header") from exc

@@ -40,14 +40,14 @@ Decode policy (``decode``)
    white (with ``paste``, other arithmetic that may round differently) but drops palette transparency;
    transformers' ``load_image`` drops alpha altogether (``convert("RGB")``). We follow the
    processor, so that a client calling the processor on ``Image.open(bytes)`` gets the same tensors
-   as the sidecar for every image without an orientation tag and not 16-bit gray (below).
-5. Other modes are converted with PIL's ``convert("RGB")`` (CMYK, gray "L", bilevel "1", palette
-   without transparency, YCbCr), as the processor would; ICC profiles are not applied, by
-   transformers nor vLLM nor here. One exception: 16-bit gray ("I;16" and its byte orders) keeps
-   its most significant byte. PIL's own conversion clips those values at 255, which turns nearly
-   every real 16-bit image white; PIL reads 16-bit RGB(A) PNGs by their most significant byte
-   already, so this makes gray agree with color. A 16-bit ``transparency`` value becomes alpha
-   before step 4. The 32-bit "I" and float "F" modes are left to PIL's conversion (clipping).
+   as the sidecar for every image without an orientation tag.
+5. Every other mode is converted with PIL's ``convert("RGB")`` (CMYK, gray "L", bilevel "1",
+   palette without transparency, YCbCr), as the processor would; ICC profiles are not applied, by
+   transformers nor vLLM nor here. That includes 16-bit gray ("I;16" and its byte orders), whose
+   values PIL clips at 255, so that a real 16-bit photo comes out nearly white: that is what
+   transformers computes from those bytes (its processor and ``load_image`` alike; PIL's 16-bit
+   conversions ignore a gray ``transparency`` value too), and parity with it is the rule, so no
+   better-looking scaling is done here. The 32-bit "I" and float "F" modes clip the same way.
 
 The result is always a loaded "RGB" image with no ``transparency`` entry. The parity rule, which
 ``tests/test_processors.py`` checks bit for bit: the sidecar's tensors equal
@@ -91,7 +91,6 @@ CONFIG_NAME: Final[str] = "preprocessor_config.json"
 # PIL's other plugins (some of them rarely exercised parsers) stay out of reach of client bytes.
 DECODE_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
 
-_SIXTEEN_BIT_GRAY: Final[frozenset[str]] = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _WHITE: Final[tuple[int, int, int, int]] = (255, 255, 255, 255)
 
 
@@ -381,8 +380,6 @@ def decode(data: bytes) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in _SIXTEEN_BIT_GRAY:
-        image = _sixteen_bit_gray_to_8(image)
     # The exact test and arithmetic of transformers.image_transforms.convert_to_rgb, for parity.
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
@@ -391,14 +388,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image  # already what the processor wants: skip a full copy
     return image.convert("RGB")
-
-
-def _sixteen_bit_gray_to_8(image: Image.Image) -> Image.Image:
-    """16-bit gray to 8-bit "L" (or "LA" when a transparent value is set) by the high byte."""
-    values = np.asarray(image).astype(np.uint16, copy=False)  # native byte order, whatever I;16x was
-    gray = Image.fromarray((values >> 8).astype(np.uint8))
-    transparent = image.info.get("transparency")
-    if isinstance(transparent, int):
-        alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8))
-        return Image.merge("LA", (gray, alpha))
-    return gray

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .probe import ImageHeader, NeedMoreData, ProbeError, probe
+from .probe import DEFAULT_MAX_HEADER_BYTES, ImageHeader, NeedMoreData, ProbeError, probe
 
 
 class SourceError(ValueError):
@@ -92,33 +92,57 @@ def check_b64_shape(b64: str) -> None:
         raise SourceError("invalid base64 data (bad characters or padding at the end)")
 
 
-def header_prefix(b64: str, *, start: int = 4096, limit: int = 1 << 20) -> ImageHeader:
+# How fast the decoded prefix grows: every round probes it again from the start, so few rounds
+# bound the probing (at most three from 4096 characters to a 1 MiB limit: 3 KiB, 48 KiB, the
+# limit), while the first rounds stay small (48 KiB holds most EXIF thumbnails) so that ordinary
+# images decode little.
+_GROWTH = 16
+
+
+def header_prefix(b64: str, *, start: int = 4096, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> ImageHeader:
     """Probe an inline image's header by decoding growing prefixes of its base64 text.
 
     JPEG headers can sit behind large APP segments (EXIF thumbnails, ICC profiles), so the prefix
-    doubles until the probe has what it needs, up to `limit` bytes of base64 (then the whole payload).
+    grows (by `_GROWTH`, or straight to what the probe says it needs) until the probe has the whole
+    header, but never past `max_bytes` decoded bytes (the sidecar's limits.max_header_bytes): an image
+    whose header does not end there is refused, so the base64 decoded on the event loop is bounded
+    by the limit, not by the payload. Only the new part of each prefix is decoded.
     """
-    size = start
+    # Base64 characters whose decoding reaches one byte past the limit: enough for the probe to
+    # tell "the header does not end by the limit" from "the bytes given end first".
+    cap = 4 * (max_bytes // 3 + 1)
+    size = max(4, min(start, cap))
+    data = b""
+    done = 0  # characters of b64 decoded into data so far, a multiple of 4
     while True:
-        chunk = b64[: size - size % 4] if size < len(b64) else b64
+        end = len(b64) if size >= len(b64) else size - size % 4
         try:
-            data = binascii.a2b_base64(chunk.encode("ascii"), strict_mode=True)
-        except (binascii.Error, UnicodeEncodeError) as exc:
+            # a2b_base64 reads an ASCII str in place; strict mode holds because every cut is at a
+            # multiple of 4 characters, so each piece decodes on its own.
+            data += binascii.a2b_base64(b64[done:end], strict_mode=True)
+        except ValueError as exc:  # binascii.Error, and a str that is not ASCII
             raise SourceError(f"invalid base64 data ({_b64_reason(exc)})") from None
+        done = end
         try:
-            return probe(data)
+            # Frames are not priced: skip GIF's walk over every block, which could cost ~15 ms on
+            # a prefix that grew to the limit.
+            return probe(data, max_header_bytes=max_bytes, count_frames=False)
         except NeedMoreData as exc:
-            if chunk is b64:
+            if done == len(b64):
+                if exc.header is not None:
+                    # The whole payload, ending before its header does: nothing follows that
+                    # could change the size, so price it by what was read; decoders refuse it.
+                    return exc.header
                 raise SourceError(f"truncated image: {exc}") from None
-            size = max(size * 2, 4 * ((exc.need or 0) + 2) // 3 + 4)
-            if size > limit:
-                size = len(b64)
+            size = max(size * _GROWTH, 4 * ((exc.need or 0) + 2) // 3 + 4)
+            if size * 2 > cap:
+                size = cap  # a round for less than half the way would be one probe more for little
         except ProbeError as exc:
             raise SourceError(str(exc)) from None
 
 
 def _b64_reason(exc: Exception) -> str:
-    if isinstance(exc, UnicodeEncodeError):
+    if not isinstance(exc, binascii.Error):  # a2b_base64's refusal of a str that is not ASCII
         return "non-ASCII characters"
     text = str(exc)
     return text[0].lower() + text[1:] if text else "undecodable"

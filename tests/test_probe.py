@@ -1,7 +1,10 @@
-"""Tests for preprocess.probe: agreement with PIL, truncation, hostile headers, fuzzing."""
+"""Tests for preprocess.probe (and the prefix search in preprocess.sources): agreement with PIL,
+truncation, headers PIL reads past, the bound on where a header may end, hostile headers, fuzzing."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import pickle
 import random
@@ -15,7 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from preprocess import sources
 from preprocess.probe import (
+    DEFAULT_MAX_HEADER_BYTES,
     WALK_LIMITS,
     ImageHeader,
     NeedMoreData,
@@ -23,6 +28,7 @@ from preprocess.probe import (
     probe,
     sniff_format,
 )
+from preprocess.sources import SourceError, header_prefix
 
 # --------------------------------------------------------------------------- helpers
 
@@ -60,6 +66,14 @@ def _png(width: int, height: int, *chunks: bytes, depth: int = 8, color: int = 2
 def _jpeg_sof(width: int, height: int, components: int = 3) -> bytes:
     body = struct.pack(">BHHB", 8, height, width, components) + b"\x01\x22\x00" * components
     return b"\xff\xc0" + struct.pack(">H", len(body) + 2) + body
+
+
+# A start of scan for one component: where a JPEG's header ends.
+_JPEG_SOS = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
+
+
+def _jpeg_app(marker: int, payload: bytes) -> bytes:
+    return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
 
 
 def _gif_header(width: int, height: int) -> bytes:
@@ -235,14 +249,18 @@ def test_large_app_segment_needs_only_its_end(samples: dict[str, bytes]) -> None
     assert info.value.need is not None and info.value.need > 60_000
 
 
-def test_png_partial_before_idat_has_unknown_frames() -> None:
+def test_png_prefix_before_idat_needs_more_but_says_what_it_read() -> None:
+    # A chunk before IDAT could still be a second IHDR, so a prefix that ends before IDAT is no
+    # answer yet; `header` is the answer if those bytes are the whole file.
     data = _png(9, 4, _png_chunk(b"tEXt", b"k\x00" + b"v" * 500), _png_chunk(b"IDAT", b""))
-    header = probe(data[:100])
-    assert (header.width, header.height, header.frames) == (9, 4, None)
+    with pytest.raises(NeedMoreData, match="truncated PNG header") as info:
+        probe(data[:100])
+    assert info.value.header == ImageHeader("PNG", 9, 4, "RGB", None, 1)
+    assert info.value.need == data.index(b"IDAT") + 4  # the IDAT chunk's length and type
     assert probe(data).frames == 1
     with pytest.raises(NeedMoreData, match="truncated PNG header") as info:
         probe(data[:20])
-    assert info.value.need == 29
+    assert info.value.need == 29 and info.value.header is None
 
 
 def test_gif_partial_walk_has_unknown_frames(samples: dict[str, bytes]) -> None:
@@ -253,10 +271,10 @@ def test_gif_partial_walk_has_unknown_frames(samples: dict[str, bytes]) -> None:
 
 
 def test_need_more_data_pickles() -> None:
-    exc = NeedMoreData("truncated PNG header", 29)
+    exc = NeedMoreData("truncated PNG header", 29, ImageHeader("PNG", 3, 4, "RGB", None, 1))
     copy = pickle.loads(pickle.dumps(exc))
     assert isinstance(copy, NeedMoreData)
-    assert (str(copy), copy.need) == ("truncated PNG header", 29)
+    assert (str(copy), copy.need, copy.header) == ("truncated PNG header", 29, exc.header)
 
 
 @pytest.mark.parametrize(
@@ -297,14 +315,17 @@ def test_png_bad_ihdr() -> None:
 
 def test_png_chunk_length_past_end() -> None:
     data = _png(5, 6, struct.pack(">I4s", 0x7FFF_FFF0, b"tEXt") + b"abc")
-    assert probe(data) == ImageHeader("PNG", 5, 6, "RGB", None, 1)
+    with pytest.raises(NeedMoreData) as info:
+        probe(data)
+    assert info.value.header == ImageHeader("PNG", 5, 6, "RGB", None, 1)
+    assert info.value.need is not None and info.value.need > 0x7FFF_FFF0
     with pytest.raises(ProbeError, match="chunk length"):
         probe(_png(5, 6, struct.pack(">I4s", 0xFFFF_FFFF, b"tEXt") + b"abc"))
 
 
 def test_png_actl_and_exif_chunks() -> None:
     actl = _png_chunk(b"acTL", struct.pack(">II", 7, 0))
-    assert probe(_png(5, 6, actl)).frames == 7  # known even before IDAT
+    assert probe(_png(5, 6, actl, _png_chunk(b"IDAT", b""))).frames == 7
     # A second acTL invalidates the animation, as in PIL.
     assert probe(_png(5, 6, actl, actl, _png_chunk(b"IDAT", b""))).frames == 1
     zero = _png_chunk(b"acTL", struct.pack(">II", 0, 0))
@@ -336,12 +357,12 @@ def test_jpeg_dnl_height_rejected() -> None:
 def test_jpeg_handcrafted_segments() -> None:
     # Fill bytes, junk and stuffed bytes before markers are skipped; SOF2 and SOF15 count.
     data = b"\xff\xd8\xff\xff\xff\xe0\x00\x04ab\x00\x00\xff\x00\xff\xfe\x00\x02" + _jpeg_sof(640, 480)
-    assert probe(data) == ImageHeader("JPEG", 640, 480, "RGB", 1, 1)
+    assert probe(data + _JPEG_SOS) == ImageHeader("JPEG", 640, 480, "RGB", 1, 1)
     sof2 = b"\xff\xd8" + b"\xff\xc2" + _jpeg_sof(3, 4, 4)[2:]
-    assert probe(sof2) == ImageHeader("JPEG", 3, 4, "CMYK", 1, 1)
-    # DHT (C4) shares the SOF range but is a table, not a frame header.
+    assert probe(sof2 + _JPEG_SOS) == ImageHeader("JPEG", 3, 4, "CMYK", 1, 1)
+    # DHT (C4) shares the SOF range but is a table, not a frame header, before or after it.
     dht = b"\xff\xc4\x00\x08" + b"\x00" * 6
-    assert probe(b"\xff\xd8" + dht + _jpeg_sof(5, 6, 1)).mode == "L"
+    assert probe(b"\xff\xd8" + dht + _jpeg_sof(5, 6, 1) + dht + _JPEG_SOS).mode == "L"
     with pytest.raises(ProbeError, match="component count"):
         probe(b"\xff\xd8" + _jpeg_sof(5, 6, 2))
 
@@ -367,13 +388,13 @@ def test_jpeg_scan_or_end_before_frame() -> None:
 def test_jpeg_bad_exif_is_ignored() -> None:
     for payload in (b"Exif\x00\x00", b"Exif\x00\x00XX*\x00", b"Exif\x00\x00II*\x00\xff\xff\xff\xff" + b"\x00" * 8):
         app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
-        assert probe(b"\xff\xd8" + app1 + _jpeg_sof(4, 3)).orientation == 1
+        assert probe(b"\xff\xd8" + app1 + _jpeg_sof(4, 3) + _JPEG_SOS).orientation == 1
     # Orientation out of range falls back to 1; a LONG-typed orientation is tolerated.
     for typ, fmt, value, expected in ((3, "<H2x", 9, 1), (4, "<I", 5, 5)):
         tiff = b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHI", 0x0112, typ, 1) + struct.pack(fmt, value)
         payload = b"Exif\x00\x00" + tiff
         app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
-        assert probe(b"\xff\xd8" + app1 + _jpeg_sof(4, 3)).orientation == expected
+        assert probe(b"\xff\xd8" + app1 + _jpeg_sof(4, 3) + _JPEG_SOS).orientation == expected
 
 
 def test_jpeg_stuffed_byte_flood_hits_the_walk_limit() -> None:
@@ -388,9 +409,43 @@ def test_gif_zero_width() -> None:
         probe(_gif_header(0, 10) + _gif_image(0, 0, 1, 1) + b";")
 
 
-def test_gif_frame_larger_than_screen_grows_size() -> None:
+def test_gif_size_is_frame_zeros_canvas() -> None:
+    # Frame 0 overflowing the logical screen grows the canvas; a later frame does not, because
+    # PIL's open and a decode of frame 0 never visit it.
     data = _gif_header(2, 2) + _gif_image(0, 0, 2, 2) + _gif_image(10, 0, 60_000, 3) + b";"
+    assert probe(data) == ImageHeader("GIF", 2, 2, "P", 2, 1)
+    data = _gif_header(2, 2) + _gif_image(10, 0, 60_000, 3) + _gif_image(0, 0, 2, 2) + b";"
     assert probe(data) == ImageHeader("GIF", 60_010, 3, "P", 2, 1)
+
+
+def _gif_descriptors(data: bytes) -> list[int]:
+    """Offsets of the image descriptors of a well-formed GIF."""
+    flags = data[10]
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    found = []
+    while data[pos] != 0x3B:
+        if data[pos] == 0x2C:
+            found.append(pos)
+            local = data[pos + 9]
+            pos += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1
+        else:
+            pos += 2
+        while data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    return found
+
+
+@pytest.mark.parametrize("frame", [0, 1])
+def test_gif_overflowing_frame_agrees_with_pil_decode(frame: int) -> None:
+    frames = [Image.new("RGB", (10, 8), (255, 0, 0)), Image.new("RGB", (10, 8), (0, 255, 0))]
+    data = bytearray(_encode(frames[0], "GIF", save_all=True, append_images=frames[1:], disposal=2))
+    struct.pack_into("<HH", data, _gif_descriptors(bytes(data))[frame] + 1, 30, 20)  # move it to (30, 20)
+    with Image.open(io.BytesIO(bytes(data))) as im:
+        im.load()  # frame 0, what every decoder here uses
+        decoded = im.size
+    header = probe(bytes(data))
+    assert (header.width, header.height) == decoded == ((40, 28) if frame == 0 else (10, 8))
 
 
 def test_gif_no_frames() -> None:
@@ -398,9 +453,13 @@ def test_gif_no_frames() -> None:
         probe(_gif_header(2, 2) + b";")
 
 
-def test_gif_color_table_past_end_is_partial() -> None:
+def test_gif_ending_before_frame_zero_needs_more() -> None:
+    # Frame 0 may still grow the canvas: no answer yet, but `header` says what was read.
     data = b"GIF89a" + struct.pack("<HHBBB", 4, 4, 0x87, 0, 0) + b"\x00" * 30
-    assert probe(data) == ImageHeader("GIF", 4, 4, "P", None, 1)
+    with pytest.raises(NeedMoreData) as info:
+        probe(data)
+    assert info.value.header == ImageHeader("GIF", 4, 4, "P", None, 1)
+    assert info.value.need == 13 + 768 + 1
 
 
 def test_gif_one_byte_sub_blocks_hit_the_walk_limit() -> None:
@@ -497,6 +556,237 @@ def test_tiff_handcrafted() -> None:
     assert info.value.need == 0x1000 + 2
 
 
+# --------------------------------------------------------------------------- headers PIL reads past
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _opened(data: bytes, load: bool = False) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as im:
+        if load:
+            im.load()
+        return im.size
+
+
+def _jpeg_with_second_sof(between: bytes = b"") -> bytes:
+    """A real 64x48 JPEG with a 640x480 frame header inserted after its own, before the scan."""
+    real = _encode(Image.new("RGB", (64, 48), (10, 200, 30)), "JPEG")
+    sof_at = real.index(b"\xff\xc0")
+    sof_end = sof_at + 2 + struct.unpack_from(">H", real, sof_at + 2)[0]
+    return real[:sof_end] + between + _jpeg_sof(640, 480) + real[sof_end:]
+
+
+@pytest.mark.parametrize("between", [b"", b"\xff\xd9"], ids=["adjacent", "behind an EOI"])
+def test_jpeg_second_frame_header_before_the_scan_is_refused(between: bytes) -> None:
+    data = _jpeg_with_second_sof(between)
+    # The disagreement this prevents: pricing the first frame header while PIL's open reports the
+    # last (it reads on past an EOI, too) and libjpeg refuses the file on load.
+    assert _opened(data) == (640, 480)
+    with pytest.raises(OSError, match="broken data stream"):
+        _opened(data, load=True)
+    with pytest.raises(ProbeError) as info:
+        probe(data)
+    assert str(info.value) == "JPEG has more than one frame header before its scan"
+    with pytest.raises(SourceError, match=r"^JPEG has more than one frame header before its scan$"):
+        header_prefix(_b64(data))
+
+
+def test_header_prefix_finds_a_second_frame_header_far_behind_the_first() -> None:
+    # A first prefix (3 KiB) ending between the two must not be taken for the answer.
+    data = b"\xff\xd8" + _jpeg_sof(4, 3) + _jpeg_app(0xE2, bytes(60_000)) + _jpeg_sof(4000, 3000) + _JPEG_SOS
+    with pytest.raises(NeedMoreData) as info:
+        probe(data[:3072])
+    assert info.value.header == ImageHeader("JPEG", 4, 3, "RGB", None, 1)  # what a whole file would say
+    with pytest.raises(SourceError, match="more than one frame header"):
+        header_prefix(_b64(data))
+
+
+def test_jpeg_exif_after_the_frame_header_counts() -> None:
+    # PIL reads APP1 anywhere before the scan; so does the probe now that it reads up to the scan.
+    exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHIH2x", 0x0112, 3, 1, 6)
+    data = b"\xff\xd8" + _jpeg_sof(4, 3) + _jpeg_app(0xE1, exif) + _JPEG_SOS
+    assert probe(data).orientation == 6
+
+
+def _png_with_second_ihdr(between: bytes = b"") -> bytes:
+    """A real 8x6 PNG with a second IHDR (16x12) and image data of that size behind its own."""
+    real = _encode(Image.new("RGB", (8, 6), (1, 2, 3)), "PNG")
+    rows = b"".join(b"\x00" + b"\x05" * 48 for _ in range(12))
+    ihdr = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 12, 8, 2, 0, 0, 0))
+    return real[:33] + between + ihdr + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("between", [b"", _png_chunk(b"tEXt", b"k\x00" + bytes(60_000))], ids=["adjacent", "far"])
+def test_png_second_ihdr_is_refused(between: bytes) -> None:
+    data = _png_with_second_ihdr(between)
+    assert _opened(data, load=True) == (16, 12)  # PIL decodes the last IHDR's size, not the first's
+    with pytest.raises(ProbeError) as info:
+        probe(data)
+    assert str(info.value) == "PNG has more than one IHDR chunk"
+    with pytest.raises(SourceError, match=r"^PNG has more than one IHDR chunk$"):
+        header_prefix(_b64(data))
+
+
+def test_header_prefix_reads_up_to_gif_frame_zero() -> None:
+    # The logical screen says 2x2, frame 0 (behind a comment longer than the first prefix) is
+    # 3000x2000: PIL decodes into a 3000x2000 canvas, and that is the price.
+    comment = b"\x21\xfe" + (b"\xff" + bytes(255)) * 40 + b"\x00"
+    data = _gif_header(2, 2) + comment + _gif_image(0, 0, 3000, 2000) + b";"
+    assert _opened(data) == (3000, 2000)
+    header = header_prefix(_b64(data))
+    assert (header.width, header.height, header.frames) == (3000, 2000, None)  # frames are not counted there
+    assert probe(data) == ImageHeader("GIF", 3000, 2000, "P", 1, 1)
+
+
+def test_header_prefix_of_a_whole_payload_that_ends_early_says_what_it_read() -> None:
+    # Nothing follows that could change the size, so the price stands; decoders refuse the bytes.
+    data = b"\xff\xd8" + _jpeg_sof(5000, 4000) + b"\xff\xd9"
+    assert header_prefix(_b64(data)) == ImageHeader("JPEG", 5000, 4000, "RGB", None, 1)
+    with pytest.raises(SourceError, match="truncated image: truncated JPEG header"):
+        header_prefix(_b64(b"\xff\xd8\xff\xe0\x00\x10JFIF"))
+
+
+# --------------------------------------------------------------------------- where a header may end
+
+
+def _app_padding(total: int) -> bytes:
+    """APP3 segments of exactly `total` bytes in all (0, or at least 4)."""
+    out = []
+    while total:
+        seg = min(total, 0xFFFF + 2)
+        if 0 < total - seg < 4:
+            seg -= 4
+        out.append(_jpeg_app(0xE3, bytes(seg - 4)))
+        total -= seg
+    return b"".join(out)
+
+
+def _jpeg_with_scan_at(offset: int) -> bytes:
+    """A real 64x48 JPEG whose start of scan is at `offset`, behind APP segments."""
+    real = _encode(Image.new("RGB", (64, 48), (10, 200, 30)), "JPEG")
+    data = real[:2] + _app_padding(offset - real.index(b"\xff\xda")) + real[2:]
+    assert data.index(b"\xff\xda") == offset
+    return data
+
+
+def test_the_header_must_end_by_the_limit() -> None:
+    data = _jpeg_with_scan_at(10_000)
+    # The scan's marker and length are the last header bytes the probe reads.
+    assert probe(data, max_header_bytes=10_004) == ImageHeader("JPEG", 64, 48, "RGB", 1, 1)
+    with pytest.raises(ProbeError) as info:
+        probe(data, max_header_bytes=10_003)
+    assert not isinstance(info.value, NeedMoreData)  # more bytes cannot help
+    assert str(info.value) == "no image header in the first 10003 bytes (limits.max_header_bytes)"
+    # Bytes that end before the limit are only short, not refused.
+    with pytest.raises(NeedMoreData):
+        probe(data[:9000], max_header_bytes=10_003)
+    assert header_prefix(_b64(data), max_bytes=10_004).width == 64
+    with pytest.raises(SourceError, match=r"^no image header in the first 10003 bytes \(limits\.max_header_bytes\)$"):
+        header_prefix(_b64(data), max_bytes=10_003)
+    with pytest.raises(ValueError, match="positive"):
+        probe(data, max_header_bytes=0)
+
+
+def test_a_frame_header_behind_19_mib_of_app_segments_is_refused_without_decoding_it_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = _jpeg_with_scan_at(19 << 20)
+    text = _b64(data)
+    decoded: list[int] = []
+    real = binascii.a2b_base64
+
+    def counting(chunk: str, *, strict_mode: bool = False) -> bytes:
+        decoded.append(len(chunk))
+        return real(chunk, strict_mode=strict_mode)
+
+    monkeypatch.setattr(sources.binascii, "a2b_base64", counting)
+    message = f"no image header in the first {DEFAULT_MAX_HEADER_BYTES} bytes (limits.max_header_bytes)"
+    with pytest.raises(SourceError) as info:
+        header_prefix(text)
+    assert str(info.value) == message
+    # What was decoded on the way: one byte past the limit's worth of base64, not 26 MB of it.
+    assert sum(decoded) == 4 * (DEFAULT_MAX_HEADER_BYTES // 3 + 1) and len(text) > 25_000_000
+    assert len(decoded) <= 3  # rounds, each probing the prefix again: 3 KiB, 48 KiB, the limit
+    with pytest.raises(ProbeError) as probe_info:
+        probe(data)  # a caller with the whole payload (a fetched URL) gets the same answer
+    assert str(probe_info.value) == message
+
+
+def test_the_limit_bounds_every_format_where_its_header_can_be_pushed_back() -> None:
+    limit = 4096
+    cases = {
+        "PNG: chunks before IDAT": _png(5, 6, _png_chunk(b"tEXt", bytes(5000)), _png_chunk(b"IDAT", b"")),
+        "GIF: extensions before frame 0": _gif_header(2, 2)
+        + b"\x21\xfe"
+        + (b"\xff" + bytes(255)) * 20
+        + b"\x00"
+        + _gif_image(0, 0, 2, 2)
+        + b";",
+        "TIFF: an IFD placed late": b"II*\x00"
+        + struct.pack("<I", 6000)
+        + bytes(5992)
+        + struct.pack("<H", 2)
+        + struct.pack("<HHII", 256, 4, 1, 9)
+        + struct.pack("<HHII", 257, 4, 1, 7)
+        + bytes(4),
+    }
+    for what, data in cases.items():
+        assert probe(data).width in (2, 5, 9), what
+        with pytest.raises(ProbeError, match=r"no image header in the first 4096 bytes"):
+            probe(data, max_header_bytes=limit)
+
+
+def test_frames_past_the_limit_are_still_counted() -> None:
+    # The limit bounds where the header may end, not the frame count walked after it.
+    gif = _gif_header(2, 2) + (_gif_image(0, 0, 2, 2) + b"\x21\xfe" + (b"\xff" + bytes(255)) * 8 + b"\x00") * 5 + b";"
+    assert probe(gif, max_header_bytes=64).frames == 5
+    tiff = _encode(_rgb(), "TIFF", save_all=True, append_images=_frames(2))
+    smallest = next(limit for limit in range(8, len(tiff)) if _fits(tiff, limit))
+    ifds, at = [], struct.unpack_from("<I", tiff, 4)[0]
+    while at:
+        ifds.append(at)
+        at = struct.unpack_from("<I", tiff, at + 2 + 12 * struct.unpack_from("<H", tiff, at)[0])[0]
+    assert len(ifds) == 3 and smallest < ifds[-1]  # the last page's IFD lies past the limit
+    assert probe(tiff, max_header_bytes=smallest).frames == 3
+    assert probe(tiff, count_frames=False).frames is None
+    assert probe(gif, count_frames=False).frames is None
+
+
+def _fits(data: bytes, limit: int) -> bool:
+    try:
+        probe(data, max_header_bytes=limit)
+    except ProbeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", ["jpeg-exif-6", "png-exif-6", "apng-3", "gif-animated-5", "webp-exif-6", "bmp-p"])
+def test_every_limit_refuses_or_agrees(name: str, samples: dict[str, bytes]) -> None:
+    data = samples[name]
+    full = probe(data)
+    refused = 0
+    for limit in range(1, len(data) + 2):
+        try:
+            header = probe(data, max_header_bytes=limit)
+        except ProbeError as exc:
+            assert str(exc) == f"no image header in the first {limit} bytes (limits.max_header_bytes)", limit
+            refused += 1
+            continue
+        assert header == full, limit
+    assert refused > 0
+
+
+def test_tiff_with_a_huge_ifd_hits_the_walk_limit() -> None:
+    count = WALK_LIMITS["TIFF"] + 1
+    ifd = struct.pack("<H", count) + struct.pack("<HHII", 256, 4, 1, 9) * count + bytes(4)
+    start = time.perf_counter()
+    with pytest.raises(ProbeError, match="too many blocks"):
+        probe(b"II*\x00" + struct.pack("<I", 8) + ifd)
+    assert time.perf_counter() - start < 0.5
+
+
 # --------------------------------------------------------------------------- rejections
 
 
@@ -558,10 +848,10 @@ _MAGIC_PREFIXES = [
 _FUZZ_SETTINGS = settings(max_examples=300, deadline=500, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _check_probe(data: bytes) -> None:
+def _check_probe(data: bytes, limit: int = DEFAULT_MAX_HEADER_BYTES) -> None:
     start = time.perf_counter()
     try:
-        header = probe(data)
+        header = probe(data, max_header_bytes=limit)
     except ProbeError as exc:
         # The catch-all for struct/index errors is a safety net; no input should reach it.
         assert exc.__cause__ is None, repr(exc.__cause__)
@@ -603,12 +893,13 @@ _MUTATION_BASES = [
     name=st.sampled_from(_MUTATION_BASES),
     edits=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=12),
     cut=st.one_of(st.none(), st.integers(0, 4096)),
+    limit=st.one_of(st.just(DEFAULT_MAX_HEADER_BYTES), st.integers(1, 4096)),
 )
 def test_fuzz_mutated_headers(
-    name: str, edits: list[tuple[int, int]], cut: int | None, samples: dict[str, bytes]
+    name: str, edits: list[tuple[int, int]], cut: int | None, limit: int, samples: dict[str, bytes]
 ) -> None:
     data = bytearray(samples[name])
     for offset, value in edits:
         # Concentrate mutations on the first bytes, where the headers live.
         data[offset % min(len(data), 512)] = value
-    _check_probe(bytes(data if cut is None else data[:cut]))
+    _check_probe(bytes(data if cut is None else data[:cut]), limit)

@@ -5,7 +5,9 @@ Three claims are checked against the real transformers processors, offline:
 * ``output_shapes`` equals the processor's output shapes and dtypes, and refuses exactly the
   sizes the processor refuses (hundreds of seeded sizes per Qwen preset, edge cases included);
 * parity: ``run_processor(p, decode(bytes))`` is bit-identical to calling the processor on a
-  reference decode written here, independently, from the policy in processors.py's docstring.
+  reference decode written here, independently, from the policy in processors.py's docstring, and
+  to what transformers computes from the same bytes (the processor on ``Image.open(bytes)``, and on
+  ``load_image`` for images without alpha) wherever the policy does not say otherwise.
 Images for the shape tests are solid ``Image.new`` images: cheap to build, same geometry as noise.
 """
 
@@ -30,6 +32,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 from transformers.image_transforms import convert_to_rgb
+from transformers.image_utils import load_image
 
 from preprocess import processors
 from preprocess.cost import CostError, output_nbytes, output_shapes, smart_resize
@@ -365,6 +368,8 @@ def build_corpus() -> dict[str, bytes]:
         "png-rgb-trns": encode(rgb_trns, "PNG", transparency=tuple(int(v) for v in pattern(16, 8)[0, 0])),
         "png-l": encode(card.convert("L"), "PNG"),
         "png-i16": encode(sixteen_bit_gray(40, 30), "PNG"),
+        "png-i16-trns": encode(sixteen_bit_gray(40, 30), "PNG", transparency=4000),
+        "tiff-i16": encode(sixteen_bit_gray(40, 30), "TIFF"),
         "png-1bit": encode(card.convert("1"), "PNG"),
         "webp-lossy": encode(card, "WEBP", quality=80),
         "webp-rgba": encode(rgba_card(64, 48), "WEBP", lossless=True),
@@ -385,20 +390,12 @@ def build_corpus() -> dict[str, bytes]:
 
 CORPUS = build_corpus()
 ROTATED = {"jpeg-exif6", "png-exif3", "webp-exif8", "tiff-exif5", "png-rgba-exif7"}
-SIXTEEN_BIT = {"png-i16"}
+SIXTEEN_BIT = {"png-i16", "png-i16-trns", "tiff-i16"}
 
 
 def reference_decode(data: bytes) -> Image.Image:
     """The documented policy, written from the docstring rather than from decode()."""
     image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))  # frame 0, upright
-    if image.mode.startswith("I;16"):  # keep the high byte; a transparent value becomes alpha
-        values = np.array(image, dtype=np.uint16)
-        gray = (values // 256).astype(np.uint8)
-        if isinstance(image.info.get("transparency"), int):
-            alpha = np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)
-            image = Image.fromarray(np.dstack([gray, alpha]), "LA")
-        else:
-            image = Image.fromarray(gray)
     # What every PIL-backend processor does with do_convert_rgb: alpha over white, else convert.
     rgb: np.ndarray = convert_to_rgb(image, return_numpy=True)  # type: ignore[assignment]
     return Image.fromarray(rgb)
@@ -436,11 +433,16 @@ def test_parity_with_processor_on_reference_decode(
         got = run_processor(processor, decoded[name])
         assert_bit_identical(got, processor(images=reference_decode(data), return_tensors="np"))
         assert output_nbytes(spec, *decoded[name].size) == sum(a.nbytes for a in got.values()), name
-        if name not in ROTATED | SIXTEEN_BIT:
+        if name not in ROTATED:
             # A client that skips our decode and hands the processor Image.open(bytes) gets the
             # same tensors: the alpha policy is the processor's own.
             direct = processor(images=Image.open(io.BytesIO(data)), return_tensors="np")
             assert_bit_identical(got, direct)
+        if name in SIXTEEN_BIT:
+            # And so does one that loads the image as transformers' pipelines do (load_image:
+            # upright, convert("RGB")): 16-bit gray is PIL's conversion, not a policy of ours.
+            loaded_image = load_image(Image.open(io.BytesIO(data)))
+            assert_bit_identical(got, processor(images=loaded_image, return_tensors="np"))
 
 
 def test_exif_orientation_is_applied(loaded: dict[str, Any]) -> None:
@@ -483,14 +485,18 @@ def test_alpha_is_composited_over_white() -> None:
     assert np.asarray(decode(encode(gif, "GIF", transparency=0))).tolist() == [[[255, 255, 255], [9, 9, 9]]]
 
 
-def test_sixteen_bit_gray_keeps_the_high_byte() -> None:
+def test_sixteen_bit_gray_is_what_transformers_gets_from_pil() -> None:
+    # Parity over looks: PIL clips 16-bit gray at 255 (a real 16-bit photo comes out nearly white),
+    # transformers feeds the processor exactly that, and so do we. A transparent value is ignored
+    # by PIL's 16-bit conversions, so it changes nothing either.
     values = np.array([[0, 255, 256, 4000, 32768, 65535]], dtype=np.uint16)
-    data = encode(Image.frombytes("I;16", (6, 1), values.tobytes()), "PNG")
-    assert np.asarray(decode(data))[0, :, 0].tolist() == [0, 0, 1, 15, 128, 255]
-    # Why: PIL's own conversion clips at 255, so real 16-bit images come out nearly white.
-    assert np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[0, :, 0].tolist() == [0, 255, 255, 255, 255, 255]
-    transparent = encode(Image.frombytes("I;16", (6, 1), values.tobytes()), "PNG", transparency=4000)
-    assert np.asarray(decode(transparent))[0, :, 0].tolist() == [0, 0, 1, 255, 128, 255]
+    clipped = [0, 255, 255, 255, 255, 255]
+    for params in ({}, {"transparency": 4000}):
+        data = encode(Image.frombytes("I;16", (6, 1), values.tobytes()), "PNG", **params)
+        ours = np.asarray(decode(data))
+        assert ours[0, :, 0].tolist() == clipped, params
+        assert np.array_equal(ours, np.asarray(load_image(Image.open(io.BytesIO(data)))))
+        assert np.array_equal(ours, convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True))
 
 
 def test_first_frame_only() -> None:

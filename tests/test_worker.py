@@ -1,5 +1,5 @@
-"""The worker: inputs staged in the extent, and the heap policy (RSS does not stay at the largest
-image, and ordinary images pay no trim).
+"""The worker: inputs staged in the extent, the heap policy (RSS does not stay at the largest
+image, and ordinary images pay no trim), and start-up with a processor that does not load.
 
 Heap measurements run in spawned children (a fresh process each), never in pytest's own process,
 whose heap every other test has already shaped.
@@ -11,6 +11,9 @@ import asyncio
 import base64
 import io
 import multiprocessing
+import os
+import shutil
+import signal
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -24,9 +27,20 @@ from preprocess import worker
 from preprocess.arena import Arena, reservation_size, segment_name
 from preprocess.cost import output_nbytes, output_shapes
 from preprocess.pipeline import ImagePipeline
-from preprocess.processors import read_spec, resolve_processor
+from preprocess.pool import PoolError, WorkerPool, WorkerUnavailable
+from preprocess.processors import CONFIG_NAME, read_spec, resolve_processor
 from preprocess.protocol import TensorDescriptor
-from preprocess.worker import HEAP_SLACK, HeapKeeper, ImageTask, Shapes, Staged, WorkerState, process_image, stage
+from preprocess.worker import (
+    HEAP_SLACK,
+    HeapKeeper,
+    ImageTask,
+    Shapes,
+    Staged,
+    WorkerSetup,
+    WorkerState,
+    process_image,
+    stage,
+)
 
 SPAWN = multiprocessing.get_context("spawn")
 MiB = 1 << 20
@@ -224,3 +238,74 @@ async def test_real_worker_trims_once_then_holds_its_heap_within_the_slack() -> 
         assert max(anon) <= anon[0] + HEAP_SLACK + READING_MARGIN
     finally:
         await asyncio.wait_for(pipeline.close(), 30)
+
+
+# -- start-up with a processor that does not load -------------------------------------------------
+
+# What transformers says about a preprocessor_config.json that is not JSON.
+NOT_JSON = r"OSError: It looks like the config file at '.*preprocessor_config\.json' is not a valid JSON file"
+
+
+def processor_class(state: WorkerState, _task: object) -> str:
+    return type(state.processor).__name__
+
+
+def child_pids() -> set[int]:
+    return {child.pid for child in multiprocessing.active_children() if child.pid is not None}
+
+
+async def test_a_processor_that_does_not_load_fails_the_start_and_leaves_nothing(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / CONFIG_NAME).write_text('{"image_processor_type": "Qwen2VLImageProcessor",')  # cut short
+    reasons: list[str] = []
+    before = child_pids()
+    pipeline = ImagePipeline(
+        processor=str(broken),
+        workers=1,
+        task_timeout_s=10,
+        instance=f"test-{uuid.uuid4().hex[:8]}",
+        directory=str(tmp_path),
+        size=1 << 20,
+        on_restart=reasons.append,
+    )
+    with pytest.raises(PoolError, match="^worker failed to start: " + NOT_JSON):
+        await asyncio.wait_for(pipeline.start(), 120)
+    assert reasons == ["start_failed"]  # counted once: a pool that cannot start retries nothing
+    assert child_pids() <= before  # no worker left behind
+    assert not list(tmp_path.glob("mm-sidecar-*"))  # nor the arena
+
+
+async def test_a_replacement_whose_processor_no_longer_loads_is_sent_no_task(tmp_path: Path) -> None:
+    config_dir = tmp_path / "processor"
+    config_dir.mkdir()
+    shutil.copy(resolve_processor("qwen2-vl") / CONFIG_NAME, config_dir / CONFIG_NAME)
+    arena = Arena.create(segment_name(f"start-{uuid.uuid4().hex[:8]}"), 1 << 20, directory=str(tmp_path))
+    reasons: list[str] = []
+    pool: WorkerPool[WorkerState, None, str] = WorkerPool(
+        workers=1,
+        init=WorkerSetup(str(config_dir), arena.name, str(tmp_path)),
+        job=processor_class,
+        task_timeout_s=30,
+        on_restart=reasons.append,
+    )
+    await asyncio.wait_for(pool.start(), 120)
+    try:
+        assert await pool.run(None) == "Qwen2VLImageProcessorPil"
+        (config_dir / CONFIG_NAME).write_text("{")  # from now on, the processor cannot load
+        (pid,) = pool.pids()
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while pool.pids() in ([], [pid]):
+                await asyncio.sleep(0.01)
+        # Submitted while the replacement loads: it waits for that start-up, then fails with the
+        # pool's error naming why, instead of being sent to a worker that will never run it.
+        with pytest.raises(
+            WorkerUnavailable, match="^no preprocessing worker is running: the last worker failed to start: " + NOT_JSON
+        ):
+            await asyncio.wait_for(pool.run(None), 120)
+        assert reasons == ["exit -9", "start_failed"]
+        assert pool.stats().ready == 0 and pool.stats().start_failures == 1
+    finally:
+        await pool.close()
+        arena.close()
