@@ -152,7 +152,7 @@ class FetchPolicy:
             raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
         if self.max_redirects < 0:
             raise ValueError(f"max_redirects: must be >= 0, got {self.max_redirects}")
-        hosts = tuple(_normalise_allowed_host(h) for h in self.allowed_hosts)
+        hosts = tuple(normalize_host_entry(h) for h in self.allowed_hosts)
         networks: list[IPNetwork] = []
         for cidr in self.allowed_networks:
             try:
@@ -161,16 +161,6 @@ class FetchPolicy:
                 raise ValueError(f"allowed_networks: {cidr!r} is not a network ({exc})") from None
         object.__setattr__(self, "allowed_hosts", hosts)
         object.__setattr__(self, "networks", tuple(networks))
-
-
-def _normalise_allowed_host(entry: str) -> str:
-    host = entry.strip().lower().rstrip(".")
-    if not host:
-        raise ValueError(f"allowed_hosts: empty entry {entry!r}")
-    try:
-        return str(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        return host
 
 
 def is_forbidden_address(ip: IPAddress, allowed_networks: Iterable[str | IPNetwork] = ()) -> bool:
@@ -393,7 +383,7 @@ class SafeFetcher:
             name = str(literal)
         else:
             name = host.rstrip(".")
-        if self._policy.allowed_hosts and not _host_allowed(name, self._policy.allowed_hosts):
+        if self._policy.allowed_hosts and not host_allowed(name, self._policy.allowed_hosts):
             raise FetchError(f"host {name!r} is not in allowed_hosts")
         return name
 
@@ -426,8 +416,35 @@ def _ip_literal(url: URL) -> IPAddress | None:
     return None
 
 
-def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
-    host = host.lower()
+def normalize_host(host: str) -> str:
+    """The one spelling hosts are compared in: lower case, no brackets or trailing dot, IPs canonical."""
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host.rstrip(".")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def normalize_host_entry(entry: str) -> str:
+    """An `allowed_hosts` entry in `normalize_host`'s form; a leading dot (`.example.com`) is kept."""
+    if not isinstance(entry, str) or not entry.strip().strip("[].").strip():
+        raise ValueError(f"allowed_hosts: empty entry {entry!r}")
+    entry = entry.strip()
+    if entry.startswith(".") and len(entry) > 1:
+        return "." + normalize_host(entry[1:])
+    return normalize_host(entry)
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Exact match, or a leading-dot entry for any subdomain; entries are in `normalize_host_entry` form.
+
+    The sidecar's URL check and the fetcher's (on every redirect hop) both call this, so an entry
+    such as `[2001:db8::1]` means the same in both.
+    """
+    host = normalize_host(host)
     return any(host == entry or (entry.startswith(".") and host.endswith(entry)) for entry in allowed)
 
 

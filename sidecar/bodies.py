@@ -4,6 +4,16 @@ The sidecar buffers each API request body (it must parse it, and may rewrite it)
 ends. Without a bound, a burst of large bodies is exactly the unbounded host memory the sidecar
 exists to prevent, so bodies are admitted against a byte budget as they are read; a body that does
 not fit is refused at once with 503 rather than queued (its bytes are already on the wire).
+
+Two rules keep the budget honest and fair:
+- a parsed body costs twice its size: the parsed tree, then the bytes that go to the engine (the
+  raw bytes are dropped once parsed);
+- multimodal bodies, which wait at the gate for a lease (up to `gate.queue_timeout_s`), may hold at
+  most `1 - server.text_body_share` of the budget: queued images can never starve text of memory.
+
+While a body arrives, its `{` and `,` bytes are counted (strings included: an upper bound on its
+objects and values): a body over `limits.max_json_objects` / `limits.max_json_items` is refused
+before it is joined or parsed, since parsing it would hold the event loop for its whole size.
 """
 
 from __future__ import annotations
@@ -19,8 +29,14 @@ from .errors import Cause, SidecarError
 @dataclass(slots=True)
 class BodyBudget:
     limit: int
+    text_share: float = 0.25  # the part of `limit` multimodal bodies may never hold
     held: int = 0
+    image_held: int = 0
     peak: int = field(default=0)
+
+    @property
+    def image_limit(self) -> int:
+        return int(self.limit * (1 - self.text_share))
 
     def take(self, nbytes: int) -> None:
         if self.held + nbytes > self.limit:
@@ -34,46 +50,125 @@ class BodyBudget:
     def give(self, nbytes: int) -> None:
         self.held -= nbytes
 
+    def charge(self) -> BodyCharge:
+        return BodyCharge(self)
+
+
+@dataclass(slots=True)
+class BodyCharge:
+    """One request's bytes in the budget; `release` (at the request's end) gives all of them back."""
+
+    budget: BodyBudget
+    nbytes: int = 0
+    image: bool = False
+
+    def take(self, nbytes: int) -> None:
+        if self.image and self.budget.image_held + nbytes > self.budget.image_limit:
+            raise self._images_full()
+        self.budget.take(nbytes)
+        self.nbytes += nbytes
+        if self.image:
+            self.budget.image_held += nbytes
+
+    def mark_image(self) -> None:
+        """This body is multimodal: from now on it counts against the images' share."""
+        if self.image:
+            return
+        if self.budget.image_held + self.nbytes > self.budget.image_limit:
+            raise self._images_full()
+        self.image = True
+        self.budget.image_held += self.nbytes
+
+    def release(self) -> None:
+        self.budget.give(self.nbytes)
+        if self.image:
+            self.budget.image_held -= self.nbytes
+        self.nbytes = 0
+        self.image = False
+
+    def _images_full(self) -> SidecarError:
+        return SidecarError(
+            Cause.BODY_MEMORY_FULL,
+            f"multimodal request bodies in memory would exceed their share of server.max_body_memory="
+            f"{self.budget.limit} (1 - server.text_body_share={self.budget.text_share:g}); retry later",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JsonBounds:
+    """How much JSON structure a body may carry (`limits.max_json_objects`, `limits.max_json_items`)."""
+
+    max_objects: int
+    max_items: int
+
+
+class _Structure:
+    """Running counts of `{` and `,` over the chunks of one body."""
+
+    __slots__ = ("bounds", "items", "objects")
+
+    def __init__(self, bounds: JsonBounds) -> None:
+        self.bounds = bounds
+        self.objects = 0
+        self.items = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.objects += chunk.count(b"{")
+        self.items += chunk.count(b",")
+        if self.objects > self.bounds.max_objects:
+            raise SidecarError(
+                Cause.BODY_TOO_COMPLEX,
+                f"request body has more than limits.max_json_objects={self.bounds.max_objects} JSON objects",
+            )
+        if self.items > self.bounds.max_items:
+            raise SidecarError(
+                Cause.BODY_TOO_COMPLEX,
+                f"request body has more than limits.max_json_items={self.bounds.max_items} JSON values",
+            )
+
 
 async def read_body(
-    request: web.Request, budget: BodyBudget, max_body_bytes: int, timeout_s: float
-) -> tuple[bytes, int]:
-    """The whole body, size-capped, time-capped and charged to `budget`; returns (body, bytes charged).
+    request: web.Request,
+    charge: BodyCharge,
+    max_body_bytes: int,
+    timeout_s: float,
+    bounds: JsonBounds | None = None,
+) -> bytes:
+    """The whole body, size-capped, time-capped, structure-capped and charged to `charge`.
 
     The time cap is for slow clients (slow loris): a body that trickles in holds memory and a
-    connection, so it gets `timeout_s` in all, not per chunk.
-
-    The caller gives the charge back when the request ends (`budget.give`), whatever ends it.
-    On an error here, what was charged so far is given back before raising.
+    connection, so it gets `timeout_s` in all, not per chunk. The bytes stay charged until the
+    caller's `charge.release()` at the request's end, whatever ends it.
     """
     if request.content_length is not None and request.content_length > max_body_bytes:
         raise SidecarError(
             Cause.BODY_TOO_LARGE,
             f"request body is {request.content_length} bytes, more than server.max_body_bytes={max_body_bytes}",
         )
+    structure = _Structure(bounds) if bounds is not None else None
     if request.content.is_eof() and request.content.total_bytes <= max_body_bytes:
         # Already all here (a small body arrives with its headers): no waiting, so no time cap.
         body = request.content.read_nowait()
-        budget.take(len(body))
-        return body, len(body)
+        if structure is not None:
+            structure.feed(body)
+        charge.take(len(body))
+        return body
     chunks: list[bytes] = []
-    charged = 0
+    received = 0
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.content.iter_chunked(1 << 16):
-                if charged + len(chunk) > max_body_bytes:
+                if received + len(chunk) > max_body_bytes:
                     raise SidecarError(
                         Cause.BODY_TOO_LARGE, f"request body is more than server.max_body_bytes={max_body_bytes} bytes"
                     )
-                budget.take(len(chunk))
-                charged += len(chunk)
+                if structure is not None:
+                    structure.feed(chunk)
+                charge.take(len(chunk))
+                received += len(chunk)
                 chunks.append(chunk)
     except TimeoutError:
-        budget.give(charged)
         raise SidecarError(
             Cause.BODY_TIMEOUT, f"request body not received within server.body_timeout_s={timeout_s:g}"
         ) from None
-    except BaseException:
-        budget.give(charged)
-        raise
-    return b"".join(chunks), charged
+    return b"".join(chunks)

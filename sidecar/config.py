@@ -95,11 +95,26 @@ class ServerConfig:
         default=Size(1024**3),
         metadata=_bounds(ge=1024, doc="request bodies held in memory at once, all requests together (503 above)"),
     )
+    text_body_share: float = field(
+        default=0.25,
+        metadata=_bounds(ge=0, le=0.9, doc="part of server.max_body_memory that multimodal bodies may never hold"),
+    )
     memory_limit: Size | None = field(
         default=None, metadata=_bounds(ge=1, doc="container memory limit; start-up fails if the ceiling exceeds it")
     )
     body_timeout_s: float = field(
         default=30.0, metadata=_bounds(ge=0.01, doc="longest time to receive a request body (slow clients: 408)")
+    )
+    header_timeout_s: float = field(
+        default=10.0,
+        metadata=_bounds(
+            ge=0.01,
+            doc="longest wait for a request's headers, from the connection's opening or the request's first "
+            "byte (slow clients: closed, 408)",
+        ),
+    )
+    keepalive_timeout_s: float = field(
+        default=75.0, metadata=_bounds(ge=0.01, doc="an idle keep-alive connection is closed after this")
     )
     debug_endpoints: bool = field(
         default=False, metadata=_bounds(doc="serve GET /debug/state (leases, queue, arena, workers) for tests")
@@ -181,15 +196,69 @@ class LimitsConfig:
     )
     fetch_timeout_s: float = field(default=10.0, metadata=_bounds(ge=0.001, doc="whole fetch of one remote image"))
     max_redirects: int = field(default=3, metadata=_bounds(ge=0, le=20, doc="redirects followed per remote image"))
+    max_messages_per_request: int = field(
+        default=2048, metadata=_bounds(ge=1, doc="messages (Responses: input items) in one request")
+    )
+    max_parts_per_request: int = field(
+        default=4096, metadata=_bounds(ge=1, doc="content parts of any type in one request, nested ones included")
+    )
+    max_header_bytes: Size = field(
+        default=Size(1024**2),
+        metadata=_bounds(ge=1024, doc="an inline image's header must lie in its first this many bytes (400 beyond)"),
+    )
+    max_json_objects: int = field(
+        default=20_000,
+        metadata=_bounds(ge=16, doc="'{' bytes in a body, strings included, counted as it arrives (413 above)"),
+    )
+    max_json_items: int = field(
+        default=200_000,
+        metadata=_bounds(ge=16, doc="',' bytes in a body, strings included, counted as it arrives (413 above)"),
+    )
+    allowed_part_types: tuple[str, ...] = field(
+        default=(), metadata=_bounds(doc="content part types forwarded unchecked to an engine that understands them")
+    )
 
     def __post_init__(self) -> None:
+        from preprocess.fetch import normalize_host_entry  # noqa: PLC0415 - fetch pulls in aiohttp's client
+
+        from .classify import INTERNAL_PART_TYPES, PRICED_PART_TYPES  # noqa: PLC0415 - classify imports this module
+
         for i, cidr in enumerate(self.allowed_networks):
             try:
                 ipaddress.ip_network(cidr)
             except ValueError:
                 raise ValueError(f"allowed_networks[{i}]: not a network, got {cidr!r}") from None
-        # Host names compare case-insensitively; URLs are lowered when parsed, so lower these too.
-        object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
+        # One spelling for both checks (the walker's and the fetcher's): the fetcher's normal form.
+        hosts = []
+        for i, entry in enumerate(self.allowed_hosts):
+            try:
+                hosts.append(normalize_host_entry(entry))
+            except ValueError:
+                raise ValueError(f"allowed_hosts[{i}]: empty entry {entry!r}") from None
+        object.__setattr__(self, "allowed_hosts", tuple(hosts))
+        for i, ptype in enumerate(self.allowed_part_types):
+            if ptype in INTERNAL_PART_TYPES:
+                raise ValueError(
+                    f"allowed_part_types[{i}]: {ptype!r} is made by the sidecar; clients may never send it"
+                )
+            if ptype in PRICED_PART_TYPES:
+                raise ValueError(f"allowed_part_types[{i}]: {ptype!r} is a media part the sidecar checks and prices")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesConfig:
+    extra_paths: tuple[str, ...] = field(
+        default=("/tokenize", "/detokenize"),
+        metadata=_bounds(
+            doc="engine paths besides the API routes that accept POST/PUT/PATCH/DELETE (others: 404); "
+            "a body with `messages` is walked and gated like chat"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for i, path in enumerate(self.extra_paths):
+            if not path.startswith("/"):
+                raise ValueError(f"extra_paths[{i}]: must start with '/', got {path!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +317,7 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     shm: ShmConfig = field(default_factory=ShmConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    routes: RoutesConfig = field(default_factory=RoutesConfig)
 
     def __post_init__(self) -> None:
         if self.upstream.mode == "offload" and self.preprocess.processor is None:

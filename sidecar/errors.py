@@ -24,6 +24,13 @@ class Cause(enum.Enum):
     BAD_REQUEST = _CauseInfo("bad_request", 400, "invalid_request_error", "invalid_request_error", False)
     BAD_IMAGE = _CauseInfo("bad_image", 400, "invalid_request_error", "invalid_request_error", False)
     TOO_MANY_IMAGES = _CauseInfo("too_many_images", 400, "invalid_request_error", "invalid_request_error", False)
+    TOO_MANY_PARTS = _CauseInfo("too_many_parts", 400, "invalid_request_error", "invalid_request_error", False)
+    # A part type only the sidecar may produce (tensor descriptors), sent by a client.
+    FORBIDDEN_PART = _CauseInfo("forbidden_part", 400, "invalid_request_error", "invalid_request_error", False)
+    UNSUPPORTED_PART = _CauseInfo("unsupported_part", 400, "invalid_request_error", "invalid_request_error", False)
+    # A body whose JSON structure alone would cost the event loop too much to parse.
+    BODY_TOO_COMPLEX = _CauseInfo("body_too_complex", 413, "invalid_request_error", "request_too_large", False)
+    NOT_FOUND = _CauseInfo("not_found", 404, "invalid_request_error", "not_found_error", False)
     IMAGE_TOO_LARGE = _CauseInfo("image_too_large", 400, "invalid_request_error", "invalid_request_error", False)
     REMOTE_URL_FORBIDDEN = _CauseInfo(
         "remote_url_forbidden", 400, "invalid_request_error", "invalid_request_error", False
@@ -37,6 +44,7 @@ class Cause(enum.Enum):
     FETCH_FAILED = _CauseInfo("fetch_failed", 400, "invalid_request_error", "invalid_request_error", False)
     FETCH_UNAVAILABLE = _CauseInfo("fetch_unavailable", 502, "upstream_error", "api_error", True)
     PREPROCESS_FAILED = _CauseInfo("preprocess_failed", 500, "server_error", "api_error", True)
+    PREPROCESS_UNAVAILABLE = _CauseInfo("preprocess_unavailable", 503, "service_unavailable", "overloaded_error", True)
     SHUTTING_DOWN = _CauseInfo("shutting_down", 503, "service_unavailable", "overloaded_error", True)
     UPSTREAM_UNAVAILABLE = _CauseInfo("upstream_unavailable", 502, "upstream_error", "api_error", True)
     UPSTREAM_TIMEOUT = _CauseInfo("upstream_timeout", 504, "upstream_error", "api_error", True)

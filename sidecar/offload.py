@@ -27,7 +27,7 @@ import aiohttp
 
 from preprocess.cost import output_shapes
 from preprocess.pipeline import ImagePipeline, Processed
-from preprocess.pool import PoolError, TaskFailed, TaskTimeout
+from preprocess.pool import PoolError, TaskFailed, TaskTimeout, WorkerUnavailable
 from preprocess.processors import ProcessorSpec
 from preprocess.sources import InlineImage
 
@@ -44,6 +44,7 @@ from .translate import (
     messages_to_chat,
     responses_to_chat,
 )
+from .translate.answers import chat_error_to_messages, chat_error_to_responses
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -59,6 +60,9 @@ class MessagesTransform:
     def whole(self, body: dict[str, Any]) -> dict[str, Any]:
         return chat_to_messages(body)
 
+    def error(self, status: int, payload: Any) -> dict[str, Any]:
+        return chat_error_to_messages(status, payload)
+
 
 @dataclass(frozen=True, slots=True)
 class ResponsesTransform:
@@ -71,19 +75,27 @@ class ResponsesTransform:
     def whole(self, body: dict[str, Any]) -> dict[str, Any]:
         return chat_to_responses(body, self.request)
 
+    def error(self, status: int, payload: Any) -> dict[str, Any]:
+        return chat_error_to_responses(status, payload)
+
 
 Transform = MessagesTransform | ResponsesTransform
 
 
-def to_chat(route: Route, data: dict[str, Any]) -> tuple[dict[str, Any], Transform | None]:
-    """The chat-completions request for the engine, and how to translate its answer back."""
+def to_chat(route: Route, data: dict[str, Any], found: Classification) -> tuple[dict[str, Any], Transform | None]:
+    """The chat-completions request for the engine, and how to translate its answer back.
+
+    The translators take each non-text part's chat form from the walk (`found`), so the engine gets
+    only parts the sidecar checked, or produced itself.
+    """
     from .translate import TranslationError  # noqa: PLC0415 - keeps the import list above readable
 
     try:
         if route.kind == "messages":
-            return messages_to_chat(data), MessagesTransform(str(data.get("model", "")), f"msg_{uuid.uuid4().hex}")
+            chat = messages_to_chat(data, found.chat_part)
+            return chat, MessagesTransform(str(data.get("model", "")), f"msg_{uuid.uuid4().hex}")
         if route.kind == "responses":
-            return responses_to_chat(data), ResponsesTransform(data, f"resp_{uuid.uuid4().hex}")
+            return responses_to_chat(data, found.chat_part), ResponsesTransform(data, f"resp_{uuid.uuid4().hex}")
     except TranslationError as exc:
         raise SidecarError(Cause.BAD_REQUEST, str(exc)) from None
     return data, None
@@ -116,6 +128,9 @@ async def preprocess_images(
             ) from None
         except TaskTimeout as exc:
             raise SidecarError(Cause.PREPROCESS_FAILED, f"{part.path}: {exc}", param=part.path) from None
+        except WorkerUnavailable as exc:
+            # No worker could start (it retries with backoff): the request may succeed later.
+            raise SidecarError(Cause.PREPROCESS_UNAVAILABLE, f"{part.path}: {exc}", param=part.path) from None
         except PoolError as exc:
             raise SidecarError(Cause.PREPROCESS_FAILED, f"{part.path}: preprocessing failed: {exc}") from None
 

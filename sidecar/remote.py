@@ -19,7 +19,7 @@ from preprocess.probe import ProbeError, probe
 from preprocess.processors import ProcessorSpec
 from preprocess.sources import RemoteImage
 
-from .bodies import BodyBudget
+from .bodies import BodyCharge
 from .classify import MediaPart, price_image
 from .config import LimitsConfig
 from .errors import Cause, SidecarError
@@ -38,21 +38,18 @@ class RemoteImages:
         self.metrics = metrics
 
     async def inline(
-        self, parts: tuple[MediaPart, ...], limits: LimitsConfig, spec: ProcessorSpec | None, budget: BodyBudget
-    ) -> int:
-        """Fetch, check, price and inline every remote image; returns the body bytes charged for them."""
+        self, parts: tuple[MediaPart, ...], limits: LimitsConfig, spec: ProcessorSpec | None, charge: BodyCharge
+    ) -> None:
+        """Fetch, check, price and inline every remote image; their base64 text is added to `charge`."""
         remote = [p for p in parts if isinstance(p.source, RemoteImage)]
         if not remote:
-            return 0
-        charged = await asyncio.gather(*(self._one(p, limits, spec, budget) for p in remote), return_exceptions=True)
-        errors = [c for c in charged if isinstance(c, BaseException)]
-        total = sum(c for c in charged if isinstance(c, int))
-        if errors:
-            budget.give(total)
-            raise errors[0]
-        return total
+            return
+        results = await asyncio.gather(*(self._one(p, limits, spec, charge) for p in remote), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
-    async def _one(self, part: MediaPart, limits: LimitsConfig, spec: ProcessorSpec | None, budget: BodyBudget) -> int:
+    async def _one(self, part: MediaPart, limits: LimitsConfig, spec: ProcessorSpec | None, charge: BodyCharge) -> None:
         assert isinstance(part.source, RemoteImage)  # the caller filtered
         started = time.monotonic()
         async with self.slots:
@@ -64,7 +61,7 @@ class RemoteImages:
             finally:
                 self.metrics.fetch_seconds.observe(time.monotonic() - started)
         try:
-            header = probe(data)
+            header = probe(data, max_header_bytes=limits.max_header_bytes)
         except ProbeError as exc:
             raise SidecarError(Cause.BAD_IMAGE, f"{part.path}: fetched image: {exc}", param=part.path) from None
         if header.frames is None:
@@ -72,9 +69,8 @@ class RemoteImages:
         price_image(part, header, limits, spec)
         part.encoded_bytes = len(data)
         b64 = (await asyncio.to_thread(base64.b64encode, data)).decode("ascii")
-        budget.take(len(b64))
+        charge.take(len(b64))
         _rewrite(part, MIME[header.format], b64)
-        return len(b64)
 
 
 def _rewrite(part: MediaPart, mime: str, b64: str) -> None:

@@ -1,8 +1,12 @@
-"""HTTP handlers: the four API routes, pass-through for everything else, and the local endpoints.
+"""HTTP handlers: the four API routes, the engine's extra paths, safe methods passed through, the local endpoints.
 
-An API request goes: read the body (size-capped) -> parse -> classify. Text goes straight to the
-engine. Multimodal waits for a lease from the slot pool, then goes to the engine; the lease is
-released at the engine's ack (see `upstream.py`) or on whatever else ends the request.
+An API request goes: read the body (size- and structure-capped) -> parse -> walk (`classify.py`). Text
+goes straight to the engine. Multimodal waits for a lease from the slot pool, then goes to the engine;
+the lease is released at the engine's ack (see `upstream.py`) or on whatever else ends the request.
+What goes upstream is serialized from the walked tree, so the engine reads exactly what was checked.
+
+Routes are denied by default (`Dispatcher`): POST/PUT/PATCH/DELETE reach the engine only on the API
+routes and `routes.extra_paths`, matched on the normalised path; the path goes upstream as sent.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from preprocess.processors import ProcessorSpec
+
 from .app_keys import BODIES, CONFIG, METRICS, PIPELINE, POOL, REMOTE, SPEC, STATE, UPSTREAM
 from .assemble import Kind, can_upgrade, upgrade_request
-from .bodies import read_body
+from .bodies import BodyCharge, JsonBounds, read_body
 from .classify import Classification, classify
+from .config import Config
 from .errors import Cause, SidecarError
-from .families import Family, Route, error_response, family_of_path
+from .families import ROUTES, Family, Route, error_response, family_of_path
 from .gate import Lease
 from .offload import CHAT_PATH, check_offloadable, preprocess_images, to_chat
 from .upstream import Forward, request_headers
@@ -54,11 +61,17 @@ def _outcome(status: int) -> str:
     return "client_error" if status < 500 else "error"
 
 
-class ApiHandler:
-    """POST handler for one API route (chat, completions, responses, messages)."""
+def _bounds(config: Config) -> JsonBounds:
+    return JsonBounds(config.limits.max_json_objects, config.limits.max_json_items)
 
-    def __init__(self, route: Route) -> None:
+
+class ApiHandler:
+    """POST handler for one API route (chat, completions, responses, messages), or for an engine path
+    listed in `routes.extra_paths` (`extra`): its body is walked as chat when it has `messages`."""
+
+    def __init__(self, route: Route, *, extra: bool = False) -> None:
         self.route = route
+        self.extra = extra
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         app = request.app
@@ -66,9 +79,9 @@ class ApiHandler:
         request_id = request_id_of(request)
         started = time.monotonic()
         outcome = "cancelled"  # overwritten unless the client goes away first
-        charged = [0]  # body bytes held against server.max_body_memory, given back at the end
+        charge = app[BODIES].charge()  # given back at the end, whatever ends the request
         try:
-            response = await self._handle(request, request_id, charged)
+            response = await self._handle(request, request_id, charge)
             outcome = _outcome(response.status)
             return response
         except SidecarError as error:
@@ -82,40 +95,59 @@ class ApiHandler:
                 anthropic_overload_status=config.gate.anthropic_overload_status,
             )
         finally:
-            app[BODIES].give(charged[0])
+            charge.release()
             kind = request.get(KIND, "text")
             metrics.request_done(self.route.family, kind, outcome, time.monotonic() - started)
 
-    async def _handle(self, request: web.Request, request_id: str, charged: list[int]) -> web.StreamResponse:
+    def _classify(self, data: dict[str, Any], config: Config, spec: ProcessorSpec | None) -> Classification:
+        if self.extra:
+            # Engine extras (vLLM's /tokenize, /pooling, ...) take chat messages, images included.
+            if "messages" not in data:
+                return Classification(())
+            return classify("chat", data, config.limits, config.gate, spec)
+        return classify(self.route.kind, data, config.limits, config.gate, spec)
+
+    async def _handle(self, request: web.Request, request_id: str, charge: BodyCharge) -> web.StreamResponse:
         app = request.app
         config = app[CONFIG]
-        body, charged[0] = await read_body(
-            request, app[BODIES], config.server.max_body_bytes, config.server.body_timeout_s
+        raw = await read_body(
+            request, charge, config.server.max_body_bytes, config.server.body_timeout_s, _bounds(config)
         )
-        data = parse_json(body)
+        data = parse_json(raw)
+        # The parsed tree lives as long as the request, then the bytes sent upstream: twice the body.
+        charge.take(len(raw))
+        del raw  # what goes upstream is serialized from what was checked, never the client's bytes
         spec = app.get(SPEC)
-        found = classify(self.route.kind, data, config.limits, config.gate, spec)
+        found = self._classify(data, config, spec)
         request[KIND] = found.kind
+        if found.multimodal:
+            charge.mark_image()
         headers = request_headers(request.headers, request_id)
         if REMOTE in app and found.multimodal:
-            added = await app[REMOTE].inline(found.parts, config.limits, spec, app[BODIES])
-            charged[0] += added
-            if added:
-                body = orjson.dumps(data)
+            await app[REMOTE].inline(found.parts, config.limits, spec, charge)
         if config.upstream.mode == "offload":
+            if self.extra:
+                if found.multimodal:
+                    raise SidecarError(
+                        Cause.BAD_REQUEST,
+                        f"{found.parts[0].path}: in offload mode images are accepted on the API routes only",
+                        param=found.parts[0].path,
+                    )
+                fwd = Forward(request.method, request.raw_path, headers, orjson.dumps(data), "openai", request_id)
+                return await app[UPSTREAM].forward(request, fwd)
             return await self._offload(request, request_id, headers, data, found)
         if not found.multimodal:
-            fwd = Forward(request.method, request.path_qs, headers, body, self.route.family, request_id)
+            fwd = Forward(request.method, request.raw_path, headers, orjson.dumps(data), self.route.family, request_id)
             return await app[UPSTREAM].forward(request, fwd)
 
         assemble: Kind | None = None
-        if config.upstream.stream_upgrade and can_upgrade(self.route.kind, data):
+        if not self.extra and config.upstream.stream_upgrade and can_upgrade(self.route.kind, data):
             data, assemble = upgrade_request(self.route.kind, data), self.route.kind
-            body = orjson.dumps(data)
+        body = orjson.dumps(data)
         lease = await self._admit(app, found.cost)
         with lease:
             fwd = Forward(
-                request.method, request.path_qs, headers, body, self.route.family, request_id, lease, assemble
+                request.method, request.raw_path, headers, body, self.route.family, request_id, lease, assemble
             )
             return await app[UPSTREAM].forward(request, fwd)
 
@@ -142,7 +174,7 @@ class ApiHandler:
                 Cause.UPSTREAM_UNAVAILABLE, "the engine has not been verified to share this /dev/shm yet; retry"
             )
         if not found.multimodal:
-            chat, transform = to_chat(self.route, data)
+            chat, transform = to_chat(self.route, data, found)
             fwd = Forward(
                 "POST", CHAT_PATH, headers, orjson.dumps(chat), self.route.family, request_id, transform=transform
             )
@@ -156,7 +188,7 @@ class ApiHandler:
                 metrics.media_parts.labels(part.media).inc()
             assert isinstance(lease.memory, list)  # the pipeline's extents, one per image
             await preprocess_images(app[PIPELINE], lease.memory, found.parts, spec, metrics)
-            chat, transform = to_chat(self.route, data)
+            chat, transform = to_chat(self.route, data, found)
             fwd = Forward(
                 "POST",
                 CHAT_PATH,
@@ -171,23 +203,73 @@ class ApiHandler:
             return await app[UPSTREAM].forward(request, fwd)
 
 
+# Methods that read or describe; anything else changes state on the engine and must be a route we know.
+_SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
+
+
+def normalize_path(path: str) -> str:
+    """The path routes are matched on: repeated and trailing slashes, `.` and `..` segments resolved.
+
+    Matching on the normal form means no spelling of an API path (`/v1/chat/completions/`,
+    `//v1/chat/completions`, `/v1/./chat/completions`, percent-encoded slashes, which aiohttp has
+    decoded in `request.path`) escapes the walker. The engine still gets the path as sent.
+    """
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "/" + "/".join(segments)
+
+
+class Dispatcher:
+    """Every request that is not a local endpoint: API routes are walked, listed extras too, safe
+    methods pass, and anything else is refused with 404 (routes are denied by default)."""
+
+    def __init__(self, config: Config) -> None:
+        self.api = {route.path: ApiHandler(route) for route in ROUTES}
+        self.extra = {
+            normalize_path(path): ApiHandler(Route(path, family_of_path(path), "chat"), extra=True)
+            for path in config.routes.extra_paths
+        }
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = normalize_path(request.path)
+        if request.method == "POST" and path in self.api:
+            return await self.api[path].handle(request)
+        if request.method in _SAFE_METHODS:
+            return await passthrough(request)
+        handler = self.extra.get(path)
+        if handler is not None:
+            return await handler.handle(request)
+        request.app[METRICS].rejections.labels(Cause.NOT_FOUND.code).inc()
+        error = SidecarError(
+            Cause.NOT_FOUND,
+            f"{request.method} {path} is not a route of this server (the sidecar forwards the API routes and "
+            "the engine paths listed in routes.extra_paths)",
+        )
+        return error_response(family_of_path(path), error, request_id=request_id_of(request))
+
+
 async def passthrough(request: web.Request) -> web.StreamResponse:
-    """Any other path (and GET /v1/models): forwarded unchanged, never gated."""
+    """GET, HEAD and OPTIONS on any other path: forwarded unchanged, never gated."""
     request_id = request_id_of(request)
-    family: Family = family_of_path(request.path)
+    family: Family = family_of_path(normalize_path(request.path))
+    charge = request.app[BODIES].charge()
     try:
         server = request.app[CONFIG].server
-        body, charged = await read_body(request, request.app[BODIES], server.max_body_bytes, server.body_timeout_s)
-    except SidecarError as error:
-        return error_response(family, error, request_id=request_id)
-    try:
+        body = await read_body(request, charge, server.max_body_bytes, server.body_timeout_s)
         headers = request_headers(request.headers, request_id)
-        fwd = Forward(request.method, request.path_qs, headers, body, family, request_id)
+        fwd = Forward(request.method, request.raw_path, headers, body, family, request_id)
         return await request.app[UPSTREAM].forward(request, fwd)
     except SidecarError as error:
         return error_response(family, error, request_id=request_id)
     finally:
-        request.app[BODIES].give(charged)
+        charge.release()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -200,9 +200,18 @@ def test_chat_message_content_none_among_others() -> None:
     assert part.path == "messages[2].content[1]"
 
 
-def test_chat_unknown_part_types_are_text() -> None:
+def test_chat_text_only_types_pass_and_unknown_types_are_refused() -> None:
+    assert classify("chat", chat({"type": "refusal", "refusal": "no"}), LIMITS, GATE).kind == "text"
     body = chat({"type": "refusal", "refusal": "no"}, {"type": "file", "file": {"file_id": "f"}})
-    assert classify("chat", body, LIMITS, GATE).kind == "text"
+    err = refuse("chat", body, LIMITS)
+    assert err.cause is Cause.UNSUPPORTED_PART and err.param == "messages[0].content[1].type"
+    assert err.message == (
+        "messages[0].content[1].type: content part type 'file' is not supported here "
+        "(the operator may allow it in limits.allowed_part_types)"
+    )
+    # Allowed by the operator: forwarded as sent, unpriced.
+    allowed = LimitsConfig(allowed_part_types=("file",))
+    assert classify("chat", body, allowed, GATE).kind == "text"
 
 
 def test_chat_input_image_part_counts_too() -> None:
@@ -419,8 +428,8 @@ def test_too_many_media_parts_names_the_first_over() -> None:
     err = refuse("chat", body, LimitsConfig(max_images_per_request=2))
     assert err.cause is Cause.TOO_MANY_IMAGES
     assert err.param == "messages[1].content[1]"
-    assert "3 media parts" in err.message
-    assert "limits.max_images_per_request=2" in err.message
+    # The walk stops at the first part over the limit: it never counts the rest.
+    assert err.message == "messages[1].content[1]: request has more than limits.max_images_per_request=2 media parts"
     # At the limit is fine.
     assert len(classify("chat", body, LimitsConfig(max_images_per_request=3), GATE).parts) == 3
 

@@ -8,6 +8,7 @@ the SSE bytes, and parsed with the sidecar's own SSEParser.
 from __future__ import annotations
 
 import base64
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,9 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from sidecar.assemble import assembler_for
+from sidecar.classify import Classification, walk
+from sidecar.config import LimitsConfig
+from sidecar.errors import Cause, SidecarError
 from sidecar.sse import SSEEvent, SSEParser
 from sidecar.translate import (
     StreamTranslator,
@@ -29,14 +33,54 @@ from sidecar.translate import (
     chat_stream_to_responses,
     chat_to_messages,
     chat_to_responses,
-    messages_to_chat,
-    responses_to_chat,
 )
+from sidecar.translate import messages_to_chat as translate_messages
+from sidecar.translate import responses_to_chat as translate_responses
+from sidecar.translate.answers import chat_error_to_messages, chat_error_to_responses
 
 JSON = dict[str, Any]
 
 PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\nnot-really").decode()
 TENSORS: Any = {"type": "image_tensors", "tensors": {"pixel_values": {"segment": "arena0", "offset": 4096}}}
+# A real image of each shape, walked where a TENSORS part stands; then rewritten into it, as offload does.
+_IMAGES: dict[str, JSON] = {
+    "messages": {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_B64}},
+    "responses": {"type": "input_image", "image_url": f"data:image/png;base64,{PNG_B64}"},
+}
+
+
+def _offloaded(kind: Any, body: JSON) -> Classification:
+    """The walker's result for `body` as the sidecar holds it when it translates: each TENSORS part
+    was an image the walk checked and offload's rewrite replaced, in place."""
+    rewritten: list[tuple[JSON, JSON]] = []
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, dict):
+            if value.get("type") == "image_tensors":
+                image = copy.deepcopy(_IMAGES[kind])
+                rewritten.append((image, value))
+                return image
+            for key, inner in value.items():
+                value[key] = swap(inner)
+        elif isinstance(value, list):
+            value[:] = [swap(inner) for inner in value]
+        return value
+
+    swap(body)
+    found = walk(kind, body, LimitsConfig(allowed_part_types=("image_embeds",)))
+    for node, tensors in rewritten:
+        node.clear()
+        node.update(tensors)
+    return found
+
+
+def messages_to_chat(body: JSON) -> JSON:
+    return translate_messages(body, _offloaded("messages", body).chat_part)
+
+
+def responses_to_chat(body: JSON) -> JSON:
+    return translate_responses(body, _offloaded("responses", body).chat_part)
+
 
 # ------------------------------------------------------------------------------------------------
 # Upstream chat streams, as vLLM writes them
@@ -307,7 +351,7 @@ def test_image_tensors_parts_pass_through_unchanged_and_in_order() -> None:
         second,
         {"type": "text", "text": "last"},
     ]
-    assert content[1] is TENSORS  # opaque: not copied, not rebuilt
+    assert content[1] is body["messages"][0]["content"][1]  # opaque: the rewritten node itself, not rebuilt
 
 
 def test_messages_tool_history_becomes_tool_calls_and_tool_messages() -> None:
@@ -460,7 +504,9 @@ def _with_user_block(block: JSON) -> JSON:
         ),
         (
             _with_user_block({"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}),
-            "messages[0].content[0].type: 'document' cannot be translated to chat completions",
+            # Refused by the walker before any translation: the sidecar does not know the block.
+            "messages[0].content[0].type: content part type 'document' is not supported here "
+            "(the operator may allow it in limits.allowed_part_types)",
         ),
         (
             _with_user_block({"type": "image", "source": {"type": "file", "file_id": "file_1"}}),
@@ -476,18 +522,18 @@ def _with_user_block(block: JSON) -> JSON:
         ),
         (
             {"model": "m", "max_tokens": 5, "messages": [], "system": [{"type": "image", "source": {}}]},
-            "system[0].type: 'image' cannot be translated to chat completions",
+            "system[0].source.type: must be 'base64', 'url' or 'file', got None",
         ),
         (
             {"model": "m", "max_tokens": 5, "messages": "hi"},
-            "messages: expected an array, got str",
+            "messages: must be an array, got string",
         ),
     ],
 )
 def test_messages_untranslatable_fields_are_named(body: JSON, message: str) -> None:
-    with pytest.raises(TranslationError) as info:
+    with pytest.raises((TranslationError, SidecarError)) as info:
         messages_to_chat(body)
-    assert str(info.value) == message
+    assert getattr(info.value, "message", str(info.value)) == message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -670,15 +716,16 @@ def test_responses_function_output_images_follow_the_tool_messages() -> None:
         ),
         (
             {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file_1"}]}]},
-            "input[0].content[0].type: 'input_file' cannot be translated to chat completions",
+            "input[0].content[0].type: content part type 'input_file' is not supported here "
+            "(the operator may allow it in limits.allowed_part_types)",
         ),
         ({"top_logprobs": 3}, "top_logprobs: log probabilities are not translated from chat completions"),
     ],
 )
 def test_responses_untranslatable_fields_are_named(extra: JSON, message: str) -> None:
-    with pytest.raises(TranslationError) as info:
+    with pytest.raises((TranslationError, SidecarError)) as info:
         responses_to_chat({"model": "m", "input": "hi", **extra})
-    assert str(info.value) == message
+    assert getattr(info.value, "message", str(info.value)) == message
 
 
 def test_responses_store_without_state_is_fine() -> None:
@@ -1197,3 +1244,132 @@ def test_requests_are_not_mutated() -> None:
         before = orjson.dumps(body)
         translate(body)
         assert orjson.dumps(body) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Engine errors: whole error answers, and the sidecar's own failures mid-stream
+
+VLLM_ERROR: JSON = {
+    "error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": None, "code": 400}
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (422, "invalid_request_error"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (503, "overloaded_error"),
+        (504, "timeout_error"),
+        (529, "overloaded_error"),
+    ],
+)
+def test_engine_error_answers_as_anthropic_errors_typed_by_status(status: int, kind: str) -> None:
+    # The status decides, not the engine's `type`: OpenAI says invalid_request_error for a 404 too.
+    for payload in (VLLM_ERROR, {"error": {**VLLM_ERROR["error"], "type": "invalid_request_error"}}):
+        assert chat_error_to_messages(status, payload) == {
+            "type": "error",
+            "error": {"type": kind, "message": "max_tokens is too large"},
+        }
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"object": "error", "message": "flat", "type": "BadRequestError", "code": 400}, "flat"),  # older vLLM
+        ({"error": "a bare string"}, "a bare string"),
+        ("Internal Server Error", "Internal Server Error"),  # not JSON: its text
+        ({"error": {"message": ""}}, "the engine answered HTTP 500"),
+        ({}, "the engine answered HTTP 500"),
+    ],
+)
+def test_engine_error_answers_of_every_wrapping_keep_the_engines_message(payload: Any, message: str) -> None:
+    assert chat_error_to_messages(500, payload)["error"]["message"] == message
+    assert chat_error_to_responses(500, payload)["error"]["message"] == message
+
+
+def test_engine_error_answers_as_openai_errors_for_responses() -> None:
+    assert chat_error_to_responses(400, VLLM_ERROR) == {
+        "error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": None, "code": None}
+    }
+    openai_style = {"error": {"message": "m", "type": "invalid_request_error", "param": "input", "code": "bad_input"}}
+    assert chat_error_to_responses(400, openai_style) == openai_style
+    assert chat_error_to_responses(404, "gone")["error"]["type"] == "invalid_request_error"
+    assert chat_error_to_responses(503, "busy")["error"] == {
+        "message": "busy",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+
+
+def test_engine_error_answers_reach_the_sdks_as_their_own_exceptions() -> None:
+    def answer(status: int, body: JSON) -> httpx2.Client:
+        return httpx2.Client(transport=httpx2.MockTransport(lambda request: httpx2.Response(status, json=body)))
+
+    http = answer(404, chat_error_to_messages(404, VLLM_ERROR))
+    client = anthropic.Anthropic(api_key="k", base_url="http://sidecar", http_client=http, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body == {"type": "error", "error": {"type": "not_found_error", "message": VLLM_MESSAGE}}
+
+    http = answer(429, chat_error_to_responses(429, {"error": {**VLLM_ERROR["error"], "param": "input"}}))
+    oai = openai.OpenAI(api_key="k", base_url="http://sidecar/v1", http_client=http, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as limited:
+        oai.responses.create(model="m", input="hi")
+    assert (limited.value.message, limited.value.type, limited.value.param, limited.value.code) == (
+        f"Error code: 429 - {VLLM_MESSAGE}",
+        "BadRequestError",
+        "input",
+        None,
+    )
+
+
+VLLM_MESSAGE = "max_tokens is too large"
+
+
+def test_in_band_anthropic_errors_are_typed_by_the_status_in_code() -> None:
+    for payload, kind in (
+        (b'{"error":{"message":"m","type":"invalid_request_error","code":404}}', "not_found_error"),
+        (b'{"error":{"message":"m","type":"BadRequestError","code":422}}', "invalid_request_error"),
+        (b'{"error":{"message":"m","type":"overloaded_error"}}', "overloaded_error"),  # no status: its type
+        (b'{"error":{"message":"m","type":"ValueError","code":"oops"}}', "api_error"),
+    ):
+        frames = decode(run(chat_stream_to_messages("m", "r"), b"data: " + payload + b"\n\n"))
+        assert frames == [{"type": "error", "error": {"type": kind, "message": "m"}}]
+
+
+def test_the_sidecars_own_failure_ends_a_stream_in_the_clients_grammar() -> None:
+    error = SidecarError(Cause.UPSTREAM_BAD_RESPONSE, "the engine broke off the stream: gone")
+    cut = TEXT_STREAM[: TEXT_STREAM.index(b'" square."')].rsplit(b"\n\n", 1)[0] + b"\n\n"
+
+    messages = chat_stream_to_messages("m", "r")
+    frames = [frame for event in events(cut) for frame in messages.feed(event)] + messages.fail(error)
+    payloads = decode(frames)
+    validate_messages_stream(payloads)
+    assert payloads[-1] == {"type": "error", "error": {"type": "api_error", "message": error.message}}
+    assert messages.fail(error) == [] and messages.finish() == []  # closed: exactly one error
+
+    responses = chat_stream_to_responses({"model": "m"}, "resp_x")
+    frames = [frame for event in events(cut) for frame in responses.feed(event)] + responses.fail(error)
+    payloads = decode(frames)
+    validate_responses_stream(payloads)
+    assert payloads[-1] == {
+        "type": "error",
+        "sequence_number": len(payloads) - 1,
+        "code": "upstream_bad_response",
+        "message": error.message,
+        "param": None,
+    }
+    assert responses.fail(error) == [] and responses.finish() == []
+    # A stream already complete is not failed after the fact.
+    done = chat_stream_to_messages("m", "r")
+    run(done, TEXT_STREAM)
+    assert done.fail(error) == []

@@ -9,16 +9,16 @@ extensions sent with the SDKs' ``extra_body`` (``repetition_penalty``, ``min_p``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from .common import JSON
 
-# Content parts that are already in chat form. They pass through untouched: in offload mode the sidecar
-# has rewritten images into opaque `image_tensors` parts before translation, and the rest are chat (or
-# vLLM) multimodal parts a client may send to an engine that understands them.
-_CHAT_PARTS = frozenset(("image_tensors", "image_url", "input_audio", "audio_url", "video_url", "image_embeds", "file"))
+# The chat form of a non-text content part, from the walker that checked it (`Classification.chat_part`):
+# the translators never interpret media parts themselves, so they forward exactly what was checked.
+PartForm = Callable[[JSON, str], JSON]
 
 
 class TranslationError(ValueError):
@@ -129,8 +129,11 @@ _MESSAGES_DROPPED = frozenset(
 _MESSAGES_REFUSED = frozenset(("container", "mcp_servers", "context_management"))
 
 
-def messages_to_chat(body: JSON) -> JSON:
-    """An Anthropic Messages request as a chat completions request. ``body`` is not mutated."""
+def messages_to_chat(body: JSON, parts: PartForm) -> JSON:
+    """An Anthropic Messages request as a chat completions request. ``body`` is not mutated.
+
+    ``parts`` gives the chat form of each non-text block, as the walker checked it.
+    """
     out: JSON = {}
     chat = _ChatMessages()
     for key, value in body.items():
@@ -144,7 +147,7 @@ def messages_to_chat(body: JSON) -> JSON:
     if system is not None:
         chat.add({"role": "system", "content": _anthropic_system(system)})
     for i, message in enumerate(_need_list(body.get("messages"), "messages")):
-        _anthropic_message(chat, _need_obj(message, f"messages[{i}]"), f"messages[{i}]")
+        _anthropic_message(chat, _need_obj(message, f"messages[{i}]"), f"messages[{i}]", parts)
     messages = chat.finish()
     out["messages"] = messages
     _prefill(out, messages)
@@ -190,33 +193,14 @@ def _anthropic_system(system: Any) -> str:
     return "\n\n".join(texts)
 
 
-def _anthropic_image(block: JSON, path: str) -> JSON:
-    source = _need_obj(block.get("source"), f"{path}.source")
-    kind = source.get("type")
-    if kind == "base64":
-        media_type = _need_str(source.get("media_type"), f"{path}.source.media_type")
-        data = _need_str(source.get("data"), f"{path}.source.data")
-        url = f"data:{media_type};base64,{data}"
-    elif kind == "url":
-        url = _need_str(source.get("url"), f"{path}.source.url")
-    else:
-        raise _untranslatable(f"{path}.source.type", kind)
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def _anthropic_part(block: JSON, path: str) -> JSON:
+def _anthropic_part(block: JSON, path: str, parts: PartForm) -> JSON:
     """A user content block (or one inside a tool_result) as a chat content part."""
-    kind = block.get("type")
-    if kind == "text":
+    if block.get("type") == "text":
         return {"type": "text", "text": _need_str(block.get("text"), f"{path}.text")}
-    if kind == "image":
-        return _anthropic_image(block, path)
-    if kind in _CHAT_PARTS:
-        return block
-    raise _untranslatable(f"{path}.type", kind)
+    return parts(block, path)
 
 
-def _anthropic_message(chat: _ChatMessages, message: JSON, path: str) -> None:
+def _anthropic_message(chat: _ChatMessages, message: JSON, path: str, form: PartForm) -> None:
     role = message.get("role")
     content = message.get("content")
     if role not in ("user", "assistant"):
@@ -232,15 +216,15 @@ def _anthropic_message(chat: _ChatMessages, message: JSON, path: str) -> None:
     for j, block in enumerate(blocks):
         block_path = f"{path}.content[{j}]"
         if block.get("type") == "tool_result":
-            text, images = _anthropic_tool_result(block.get("content"), f"{block_path}.content")
+            text, images = _anthropic_tool_result(block.get("content"), f"{block_path}.content", form)
             chat.tool(_need_str(block.get("tool_use_id"), f"{block_path}.tool_use_id"), text, images)
         else:
-            parts.append(_anthropic_part(block, block_path))
+            parts.append(_anthropic_part(block, block_path, form))
     if parts or not any(b.get("type") == "tool_result" for b in blocks):
         chat.add({"role": "user", "content": parts})
 
 
-def _anthropic_tool_result(content: Any, path: str) -> tuple[str, list[JSON]]:
+def _anthropic_tool_result(content: Any, path: str, form: PartForm) -> tuple[str, list[JSON]]:
     if content is None:
         return "", []
     if isinstance(content, str):
@@ -248,7 +232,7 @@ def _anthropic_tool_result(content: Any, path: str) -> tuple[str, list[JSON]]:
     texts: list[str] = []
     images: list[JSON] = []
     for k, block in enumerate(_need_list(content, path)):
-        part = _anthropic_part(_need_obj(block, f"{path}[{k}]"), f"{path}[{k}]")
+        part = _anthropic_part(_need_obj(block, f"{path}[{k}]"), f"{path}[{k}]", form)
         if part["type"] == "text":
             texts.append(part["text"])
         else:
@@ -337,8 +321,11 @@ _RESPONSES_DROPPED = frozenset(
 _RESPONSES_STATEFUL = ("previous_response_id", "conversation", "prompt", "background", "context_management")
 
 
-def responses_to_chat(body: JSON) -> JSON:
-    """An OpenAI Responses request as a chat completions request. ``body`` is not mutated."""
+def responses_to_chat(body: JSON, parts: PartForm) -> JSON:
+    """An OpenAI Responses request as a chat completions request. ``body`` is not mutated.
+
+    ``parts`` gives the chat form of each non-text part, as the walker checked it.
+    """
     for name in _RESPONSES_STATEFUL:
         if body.get(name):
             raise TranslationError(f"{name} is not supported by this engine")
@@ -359,7 +346,7 @@ def responses_to_chat(body: JSON) -> JSON:
         chat.add({"role": "user", "content": items})
     elif items is not None:
         for i, item in enumerate(_need_list(items, "input")):
-            _responses_item(chat, _need_obj(item, f"input[{i}]"), f"input[{i}]")
+            _responses_item(chat, _need_obj(item, f"input[{i}]"), f"input[{i}]", parts)
     # No prefill here: a Responses input ending in an assistant message asks for the next message.
     out["messages"] = chat.finish()
     if body.get("max_output_tokens") is not None:
@@ -386,7 +373,7 @@ def responses_to_chat(body: JSON) -> JSON:
     return out
 
 
-def _responses_item(chat: _ChatMessages, item: JSON, path: str) -> None:
+def _responses_item(chat: _ChatMessages, item: JSON, path: str, form: PartForm) -> None:
     kind = item.get("type")
     if kind == "function_call":
         call_id = _need_str(item.get("call_id"), f"{path}.call_id")
@@ -402,7 +389,7 @@ def _responses_item(chat: _ChatMessages, item: JSON, path: str) -> None:
         texts: list[str] = []
         images: list[JSON] = []
         for k, part in enumerate(_need_list(output, f"{path}.output")):
-            converted = _responses_part(_need_obj(part, f"{path}.output[{k}]"), f"{path}.output[{k}]")
+            converted = _responses_part(_need_obj(part, f"{path}.output[{k}]"), f"{path}.output[{k}]", form)
             if converted["type"] == "text":
                 texts.append(converted["text"])
             else:
@@ -411,30 +398,18 @@ def _responses_item(chat: _ChatMessages, item: JSON, path: str) -> None:
     elif kind == "reasoning":
         return  # reasoning items carry OpenAI's encrypted state; a chat template has no slot for them
     elif kind in (None, "message"):
-        _responses_message(chat, item, path)
+        _responses_message(chat, item, path, form)
     else:
         raise _untranslatable(f"{path}.type", kind)
 
 
-def _responses_part(part: JSON, path: str) -> JSON:
-    kind = part.get("type")
-    if kind in ("input_text", "output_text", "text"):
+def _responses_part(part: JSON, path: str, form: PartForm) -> JSON:
+    if part.get("type") in ("input_text", "output_text", "text"):
         return {"type": "text", "text": _need_str(part.get("text"), f"{path}.text")}
-    if kind == "input_image":
-        url = part.get("image_url")
-        if url is None:
-            # file_id references OpenAI's file store, which the engine cannot read.
-            raise TranslationError(f"{path}.file_id: uploaded files cannot be translated to chat completions")
-        image_url: JSON = {"url": _need_str(url, f"{path}.image_url")}
-        if part.get("detail") is not None:
-            image_url["detail"] = part["detail"]
-        return {"type": "image_url", "image_url": image_url}
-    if kind in _CHAT_PARTS:
-        return part
-    raise _untranslatable(f"{path}.type", kind)
+    return form(part, path)
 
 
-def _responses_message(chat: _ChatMessages, item: JSON, path: str) -> None:
+def _responses_message(chat: _ChatMessages, item: JSON, path: str, form: PartForm) -> None:
     role = item.get("role")
     # Open chat templates know system, user and assistant; "developer" is OpenAI's name for system.
     chat_role = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}.get(role or "")
@@ -462,7 +437,8 @@ def _responses_message(chat: _ChatMessages, item: JSON, path: str) -> None:
         chat.add(message)
         return
     parts = [
-        _responses_part(_need_obj(p, f"{path}.content[{k}]"), f"{path}.content[{k}]") for k, p in enumerate(raw_parts)
+        _responses_part(_need_obj(p, f"{path}.content[{k}]"), f"{path}.content[{k}]", form)
+        for k, p in enumerate(raw_parts)
     ]
     if chat_role == "system":
         if any(p["type"] != "text" for p in parts):
