@@ -8,6 +8,9 @@ cancelled, with no await that the cancellation could interrupt.
 
 The queue is strict FIFO: a large request at the head is not overtaken by smaller ones behind it,
 so it cannot starve. A request whose cost can never fit (`nbytes > max_bytes`) is refused at once.
+
+Shutdown has two steps: `drain()` when draining begins (queued waiters fail with SHUTTING_DOWN at once,
+nobody queues any more, held leases are untouched), then `close()` at teardown (nothing is admitted).
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class SlotPool:
         self._leases: dict[int, Lease] = {}
         self._reserved = 0
         self._waiters: deque[_Waiter] = deque()
+        self._draining = False
         self._closed = False
 
     def attach_allocator(self, allocator: Allocator, max_bytes: int) -> None:
@@ -162,6 +166,8 @@ class SlotPool:
         lease = self.try_acquire(nbytes, sizes)
         if lease is not None:
             return lease
+        if self._draining:
+            raise SidecarError(Cause.SHUTTING_DOWN, _SHUTTING_DOWN)
         if len(self._waiters) >= self.max_queue:
             raise SidecarError(
                 Cause.QUEUE_FULL,
@@ -200,7 +206,7 @@ class SlotPool:
 
     def _check_admissible(self, nbytes: int) -> None:
         if self._closed:
-            raise SidecarError(Cause.SHUTTING_DOWN, "the sidecar is shutting down")
+            raise SidecarError(Cause.SHUTTING_DOWN, _SHUTTING_DOWN)
         if nbytes > self.max_bytes:
             raise SidecarError(
                 Cause.OVER_BUDGET,
@@ -234,11 +240,33 @@ class SlotPool:
             self._waiters.popleft()
             head.future.set_result(lease)
 
+    def drain(self) -> int:
+        """Shutdown has begun: fail every queued waiter with SHUTTING_DOWN now and queue nobody any more.
+
+        A queued request would otherwise sit out the whole drain deadline and then be dropped without
+        an answer; told now, its client retries on another replica at once. Held leases are untouched:
+        their requests finish within the deadline. A request that finds a slot free is still admitted
+        (it was accepted before shutdown and does not wait), one that would wait is refused. Returns
+        how many waiters were failed.
+        """
+        self._draining = True
+        return self._fail_waiters()
+
     def close(self) -> None:
         """Refuse new admissions and fail every queued waiter with SHUTTING_DOWN."""
         self._closed = True
+        self._fail_waiters()
+
+    def _fail_waiters(self) -> int:
+        failed = 0
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
-                waiter.future.set_exception(SidecarError(Cause.SHUTTING_DOWN, "the sidecar is shutting down"))
+                waiter.future.set_exception(SidecarError(Cause.SHUTTING_DOWN, _SHUTTING_DOWN))
+                failed += 1
         self._notify()
+        return failed
+
+
+# The same words as the 503 for requests that arrive after draining began (app.drain_middleware).
+_SHUTTING_DOWN = "the sidecar is shutting down; retry on another replica"

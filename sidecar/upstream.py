@@ -8,6 +8,10 @@ The ack is the moment a multimodal request stops needing its slot:
 - anything else (a plain JSON answer, an error): the complete answer.
 The lease is released at the ack or, exactly once, on any other ending (see `gate.Lease`).
 
+A translated answer (offload mode: the engine speaks chat, the client Anthropic or Responses) comes back
+in the client's API, errors included: an engine error status keeps its status and message in the client's
+error shape; a failure after the stream began is an error event in the client's stream grammar.
+
 Bytes are passed through as they arrive: no buffering of SSE, hop-by-hop headers dropped.
 """
 
@@ -24,6 +28,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .assemble import Kind, StreamError, assembler_for
 from .config import UpstreamConfig
@@ -55,12 +60,22 @@ _HOP_BY_HOP = frozenset(
 # aiohttp decompresses upstream bodies and writes its own Server/Date: never copy those back.
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding", "server", "date"}
 _REQUEST_DROP = _HOP_BY_HOP | {"accept-encoding", "expect"}
+# The request codings aiohttp's server decodes before a handler reads the body (its parser's own list;
+# a coding it cannot decode, such as br without Brotli, is refused with 400 before any handler runs).
+_SERVER_DECODED = frozenset(("gzip", "deflate", "br", "zstd"))
 
 
 def request_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    """The client's headers for the engine. Every body we forward is one we read from `request.content`,
+    already decoded; the engine must not decode it again, so a coding the server decoded is dropped.
+    Content-Length goes too: the client computes it from the bytes actually sent."""
     out = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _REQUEST_DROP)
     for name in _connection_listed(headers):
         out.popall(name, None)
+    codings = headers.getall("Content-Encoding", [])
+    # One coding, as aiohttp reads it (an ASCII token, any case); anything else it left undecoded.
+    if len(codings) == 1 and codings[0].isascii() and codings[0].strip().lower() in _SERVER_DECODED:
+        out.popall("Content-Encoding")
     out["x-request-id"] = request_id
     return out
 
@@ -113,6 +128,10 @@ class ResponseTransform(Protocol):
 
     def whole(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
+    def error(self, status: int, payload: Any) -> dict[str, Any]:
+        """The engine's error answer (`payload`: its JSON, or its text) as the client API's error body."""
+        ...
+
 
 class Upstream:
     """The engine's address and the one ClientSession used to reach it."""
@@ -163,8 +182,11 @@ class Upstream:
         try:
             # Text has no deadline: skip the timeout's bookkeeping on its path.
             async with asyncio.timeout_at(deadline) if deadline is not None else contextlib.nullcontext():
+                # encoded=True: the path goes to the engine exactly as the client sent it (yarl would
+                # otherwise decode %2e%2e and resolve it, turning /v1/files/%2e%2e/admin into /v1/admin).
+                url = URL(self.base + fwd.path_qs, encoded=True)
                 resp = await self.session.request(
-                    fwd.method, self.base + fwd.path_qs, data=fwd.body, headers=fwd.headers, allow_redirects=False
+                    fwd.method, url, data=fwd.body, headers=fwd.headers, allow_redirects=False
                 )
         except aiohttp.ClientConnectorError as exc:
             self.metrics.upstream_status(None)
@@ -199,6 +221,8 @@ class Upstream:
                     first = await resp.content.readany()
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off its answer: {exc}") from exc
+            if fwd.transform is not None and resp.status >= 400:
+                return await self._translated_error(resp, fwd, fwd.transform, first)
             if isinstance(first, _Whole):
                 return _whole(resp, fwd, first.body)
             if fwd.transform is None and not _is_sse(resp) and resp.content.at_eof():
@@ -297,6 +321,10 @@ class Upstream:
                 out = transform.whole(body)
             except (orjson.JSONDecodeError, aiohttp.ClientError, ValueError, TypeError, KeyError) as exc:
                 raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"cannot translate the engine's answer: {exc}") from exc
+            except TimeoutError as exc:  # aiohttp's read timeout is a ClientError only on some versions
+                raise SidecarError(
+                    Cause.UPSTREAM_TIMEOUT, "the engine went silent longer than upstream.read_timeout_s"
+                ) from exc
             return web.Response(body=orjson.dumps(out), content_type="application/json", headers=headers)
         stream = web.StreamResponse(headers=headers)
         stream.content_type = "text/event-stream"
@@ -317,11 +345,51 @@ class Upstream:
             for frame in translator.finish():
                 await stream.write(frame)
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # Status already sent: in-band, in the client's grammar (not `error_event`'s chat form).
             error = SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off the stream: {exc}")
-            with contextlib.suppress(ConnectionError):
-                await stream.write(error_event(fwd.family, error))
+            await _write_quietly(stream, translator.fail(error))
+            self.metrics.upstream_status(None)
+        except TimeoutError:
+            error = SidecarError(Cause.UPSTREAM_TIMEOUT, "the engine went silent longer than upstream.read_timeout_s")
+            await _write_quietly(stream, translator.fail(error))
         await stream.write_eof()
         return stream
+
+    async def _translated_error(
+        self, resp: aiohttp.ClientResponse, fwd: Forward, transform: ResponseTransform, first: bytes | _Whole
+    ) -> web.Response:
+        """The engine refused or failed a translated request: its status and message, in the client's error
+        shape (a chat `{"error": ...}` body is not what an Anthropic SDK parses). Streamed or not, nothing
+        has been sent yet, so the client gets the real status, not an in-band event."""
+        try:
+            raw = first.body if isinstance(first, _Whole) else first + await resp.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off its answer: {exc}") from exc
+        except TimeoutError as exc:
+            raise SidecarError(
+                Cause.UPSTREAM_TIMEOUT, "the engine went silent longer than upstream.read_timeout_s"
+            ) from exc
+        payload: Any
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            # Not JSON (a proxy's HTML page, a bare "Internal Server Error"): its text is the message.
+            payload = raw[:_ERROR_TEXT_MAX].decode(errors="replace").strip()
+        headers = response_headers(resp.headers, fwd.request_id)
+        headers.popall("Content-Type", None)  # Retry-After and the like are kept
+        body = orjson.dumps(transform.error(resp.status, payload))
+        return web.Response(status=resp.status, body=body, content_type="application/json", headers=headers)
+
+
+# An error answer that is not JSON is quoted in the client's error message up to this many bytes.
+_ERROR_TEXT_MAX = 2048
+
+
+async def _write_quietly(stream: web.StreamResponse, frames: list[bytes]) -> None:
+    """Write the closing frames of a stream whose client may already be gone."""
+    with contextlib.suppress(ConnectionError):
+        for frame in frames:
+            await stream.write(frame)
 
 
 @dataclass(frozen=True, slots=True)

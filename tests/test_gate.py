@@ -253,3 +253,35 @@ async def test_allocator_backs_the_budget_and_deferred_frees_wake_waiters() -> N
     arena.defer = False
     second.release()
     assert arena.free_slots == 2 and p.stats() == PoolStats(0, 0, 0, 4, 1000, p.max_queue)
+
+
+async def test_drain_fails_waiters_at_once_and_keeps_held_leases() -> None:
+    seen: list[PoolStats] = []
+    p = SlotPool(max_concurrent=1, max_bytes=100, max_queue=8, queue_timeout_s=30, on_change=seen.append)
+    held = await p.acquire(10)
+    waiters = [asyncio.create_task(p.acquire(5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    waiters[1].cancel()  # a client that left: not counted, not failed twice
+    await asyncio.sleep(0)
+    assert p.stats().queued == 2
+    assert p.drain() == 2
+    for task in (waiters[0], waiters[2]):
+        with pytest.raises(SidecarError) as info:
+            await asyncio.wait_for(task, 0.1)  # at once, not at the 30 s queue timeout
+        assert info.value.cause is Cause.SHUTTING_DOWN
+        assert info.value.message == "the sidecar is shutting down; retry on another replica"
+    assert (seen[-1].leases, seen[-1].queued) == (1, 0)
+    # The held lease is untouched; a request that would have to wait is refused without queueing...
+    assert not held.released and p.stats().leases == 1
+    with pytest.raises(SidecarError) as info:
+        await p.acquire(5)
+    assert info.value.cause is Cause.SHUTTING_DOWN and p.stats().queued == 0
+    # ...and one that finds a slot free is still admitted: it can finish within the deadline.
+    held.release()
+    lease = await asyncio.wait_for(p.acquire(5), 0.1)
+    lease.release()
+    # Teardown closes it for good.
+    p.close()
+    with pytest.raises(SidecarError):
+        p.try_acquire(5)
+    assert p.stats() == PoolStats(0, 0, 0, 1, 100, p.max_queue)

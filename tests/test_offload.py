@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from aiohttp import web
 
@@ -20,6 +21,7 @@ from preprocess.processors import decode, load_processor, run_processor
 from preprocess.protocol import ArenaReader, DescriptorError, TensorDescriptor, shm_token
 from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, STATE
+from sidecar.sse import SSEParser
 
 from .conftest import assert_invariant, image_bytes, make_config
 
@@ -261,3 +263,200 @@ async def test_client_disconnect_between_handoff_and_ack_frees_once(offload: Any
     desc = TensorDescriptor.from_json(engine.bodies[0]["messages"][0]["content"][1]["tensors"]["pixel_values"])
     with pytest.raises(DescriptorError):
         engine.reader.validate(desc)
+
+
+# ------------------------------------------------------------------------------------------------
+# Engine errors on translated routes: the client's own error shape, the engine's status and message
+
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+MESSAGES_TEXT: dict[str, Any] = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+RESPONSES_TEXT: dict[str, Any] = {"model": "m", "input": "hi"}
+
+
+def messages_with_image() -> dict[str, Any]:
+    b64 = base64.b64encode(image_bytes(64, 48)).decode()
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}
+    return {**MESSAGES_TEXT, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}]}
+
+
+async def test_engine_error_statuses_reach_translated_clients_in_their_own_shape(offload: Any) -> None:
+    answer: dict[str, Any] = {}
+
+    async def fail(request: web.Request, body: dict[str, Any]) -> web.Response:
+        return web.json_response(answer["body"], status=answer["status"], headers=answer.get("headers"))
+
+    client, engine = await offload()
+    engine.behaviour = fail
+    for status, anthropic_type in ANTHROPIC_TYPES.items():
+        # As vLLM answers: a Python class name in `type`, the status in `code`.
+        message = f"engine says no ({status})"
+        answer.update(
+            status=status,
+            body={"error": {"message": message, "type": "BadRequestError", "param": "messages", "code": status}},
+            headers={"Retry-After": "7"} if status == 429 else None,
+        )
+        for stream in (False, True):  # an error before the first chunk is a real status, streamed or not
+            resp = await client.post("/v1/messages", json={**MESSAGES_TEXT, "stream": stream})
+            assert resp.status == status
+            assert resp.headers["Content-Type"] == "application/json"
+            assert len(resp.headers["x-request-id"]) == 32
+            assert (resp.headers.get("Retry-After"), resp.headers.get("Transfer-Encoding")) == (
+                "7" if status == 429 else None,
+                None,
+            )
+            assert await resp.json() == {"type": "error", "error": {"type": anthropic_type, "message": message}}
+
+            resp = await client.post("/v1/responses", json={**RESPONSES_TEXT, "stream": stream})
+            assert resp.status == status and resp.headers["Content-Type"] == "application/json"
+            assert resp.headers.get("Retry-After") == ("7" if status == 429 else None)
+            # OpenAI's shape; `code` is OpenAI's string code, which an HTTP status is not.
+            error = {"message": message, "type": "BadRequestError", "param": "messages", "code": None}
+            assert await resp.json() == {"error": error}
+
+    # Older vLLM and SGLang answer a flat error object; OpenAI-style string codes are kept.
+    answer.update(
+        status=400, body={"object": "error", "message": "bad n", "type": "invalid_request_error", "code": "bad_n"}
+    )
+    resp = await client.post("/v1/messages", json=MESSAGES_TEXT)
+    assert await resp.json() == {"type": "error", "error": {"type": "invalid_request_error", "message": "bad n"}}
+    resp = await client.post("/v1/responses", json=RESPONSES_TEXT)
+    error = {"message": "bad n", "type": "invalid_request_error", "param": None, "code": "bad_n"}
+    assert resp.status == 400 and await resp.json() == {"error": error}
+    assert len(engine.bodies) == 2 * 2 * len(ANTHROPIC_TYPES) + 2
+
+
+async def test_an_engine_error_that_is_not_json_keeps_its_text(offload: Any) -> None:
+    async def crash(request: web.Request, body: dict[str, Any]) -> web.Response:
+        return web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")
+
+    client, engine = await offload()
+    engine.behaviour = crash
+    text = "500 Internal Server Error\n\nServer got itself in trouble"
+    resp = await client.post("/v1/messages", json={**MESSAGES_TEXT, "stream": True})
+    assert resp.status == 500 and resp.headers["Content-Type"] == "application/json"
+    assert await resp.json() == {"type": "error", "error": {"type": "api_error", "message": text}}
+    resp = await client.post("/v1/responses", json=RESPONSES_TEXT)
+    assert resp.status == 500
+    assert await resp.json() == {"error": {"message": text, "type": "server_error", "param": None, "code": None}}
+
+
+async def test_an_engine_refusing_translated_tensors_answers_anthropic_and_frees_the_extent(offload: Any) -> None:
+    # The multimodal path: the lease is released at the engine's (error) headers, the body still translated.
+    async def reject(request: web.Request, body: dict[str, Any]) -> web.Response:
+        error = {"message": "stale generation", "type": "BadRequestError", "param": None, "code": 400}
+        return web.json_response({"error": error}, status=400)
+
+    client, engine = await offload()
+    engine.behaviour = reject
+    for stream in (False, True):
+        resp = await client.post("/v1/messages", json={**messages_with_image(), "stream": stream})
+        assert resp.status == 400
+        assert await resp.json() == {
+            "type": "error",
+            "error": {"type": "invalid_request_error", "message": "stale generation"},
+        }
+        assert_all_free(client)
+    assert [p["type"] for p in engine.bodies[0]["messages"][0]["content"]] == ["image_tensors", "text"]
+
+
+_CHUNK = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":0,"model":"fake",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"Half"},"finish_reason":null}]}\n\n'
+)
+
+
+def client_events(raw: bytes) -> list[tuple[str | None, dict[str, Any]]]:
+    return [(event.event, orjson.loads(event.data)) for event in SSEParser().feed(raw)]
+
+
+async def test_failures_after_the_first_chunk_are_error_events_in_the_clients_grammar(offload: Any) -> None:
+    ending: dict[str, bytes | None] = {}
+
+    async def half(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_CHUNK)
+        tail = ending["tail"]
+        if tail is None:
+            assert request.transport is not None
+            request.transport.close()  # the engine dies mid-stream
+            return resp
+        await resp.write(tail)
+        await resp.write_eof()
+        return resp
+
+    client, engine = await offload()
+    engine.behaviour = half
+    in_band = b'data: {"error":{"message":"EngineCore died","type":"InternalServerError","param":null,"code":500}}\n\n'
+    for tail in (in_band, None):
+        ending["tail"] = tail
+        resp = await client.post("/v1/messages", json={**MESSAGES_TEXT, "stream": True})
+        assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+        events = client_events(await resp.read())
+        names = [name for name, _ in events]
+        assert names == ["message_start", "ping", "content_block_start", "content_block_delta", "error"]
+        error = events[-1][1]
+        assert error["type"] == "error" and error["error"]["type"] == "api_error"
+        if tail is None:
+            assert error["error"]["message"].startswith("the engine broke off the stream: ")
+        else:
+            assert error == {"type": "error", "error": {"type": "api_error", "message": "EngineCore died"}}
+
+        resp = await client.post("/v1/responses", json={**RESPONSES_TEXT, "stream": True})
+        assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+        events = client_events(await resp.read())
+        assert [name for name, _ in events] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "error",
+        ]
+        assert [payload["sequence_number"] for _, payload in events] == list(range(6))
+        error = events[-1][1]
+        if tail is None:
+            # Not the chat form (`data: {"error": ...}`), which a Responses client cannot read.
+            assert (error["type"], error["code"], error["param"]) == ("error", "upstream_bad_response", None)
+            assert error["message"].startswith("the engine broke off the stream: ")
+        else:
+            assert error == {
+                "type": "error",
+                "sequence_number": 5,
+                "code": "InternalServerError",
+                "message": "EngineCore died",
+                "param": None,
+            }
+
+
+async def test_an_engine_going_silent_mid_stream_ends_the_translated_stream_with_an_error(offload: Any) -> None:
+    async def stall(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_CHUNK)
+        await asyncio.sleep(5)
+        return resp
+
+    client, engine = await offload(upstream={"read_timeout_s": 0.3})
+    engine.behaviour = stall
+    resp = await client.post("/v1/messages", json={**MESSAGES_TEXT, "stream": True})
+    assert resp.status == 200
+    message = "the engine went silent longer than upstream.read_timeout_s"
+    assert client_events(await resp.read())[-1] == (
+        "error",
+        {"type": "error", "error": {"type": "api_error", "message": message}},
+    )
+    resp = await client.post("/v1/responses", json={**RESPONSES_TEXT, "stream": True})
+    assert client_events(await resp.read())[-1] == (
+        "error",
+        {"type": "error", "sequence_number": 5, "code": "upstream_timeout", "message": message, "param": None},
+    )

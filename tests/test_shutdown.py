@@ -18,9 +18,18 @@ import pytest
 import yaml
 from aiohttp import web
 
+from sidecar.app import drain
+from sidecar.app_keys import POOL
 from sidecar.echo import EchoEngine
 
-from .conftest import chat_body
+from .conftest import StackFactory, chat_body, messages_body
+from .test_proxy import Holder, wait_for
+
+SHUTTING_DOWN = "the sidecar is shutting down; retry on another replica"
+OPENAI_SHUTTING_DOWN = {
+    "error": {"message": SHUTTING_DOWN, "type": "service_unavailable", "param": None, "code": "shutting_down"}
+}
+ANTHROPIC_SHUTTING_DOWN = {"type": "error", "error": {"type": "overloaded_error", "message": SHUTTING_DOWN}}
 
 
 def free_port() -> int:
@@ -168,3 +177,77 @@ async def _ready(http: aiohttp.ClientSession, url: str) -> None:
                     if resp.status == 200:
                         return
             await asyncio.sleep(0.1)
+
+
+async def test_drain_answers_queued_requests_at_once_and_lets_leased_ones_finish(stack: StackFactory) -> None:
+    holder = Holder()
+    s = await stack(EchoEngine(before_first_chunk=holder), gate={"max_concurrent": 1, "queue_timeout_s": 30})
+    leased = asyncio.create_task(s.client.post("/v1/chat/completions", json=chat_body(stream=True)))
+    await holder.wait_arrived(1)
+    queued = [
+        asyncio.create_task(s.client.post("/v1/chat/completions", json=chat_body(), headers={"x-request-id": "q-1"})),
+        asyncio.create_task(s.client.post("/v1/messages", json=messages_body(stream=True))),
+        asyncio.create_task(s.client.post("/v1/responses", json={"model": "echo", "input": _responses_image()})),
+    ]
+    await wait_for(lambda: s.app[POOL].stats().queued == 3)
+
+    draining = asyncio.create_task(drain(s.app, 5))
+    async with asyncio.timeout(1):  # at once: not at the queue timeout (30 s), nor at the drain deadline
+        answers = [await task for task in queued]
+    for resp, expected in zip(
+        answers, (OPENAI_SHUTTING_DOWN, ANTHROPIC_SHUTTING_DOWN, OPENAI_SHUTTING_DOWN), strict=True
+    ):
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1" and resp.headers["retry-after-ms"] == "1000"
+        assert resp.headers["Content-Type"] == "application/json"
+        assert await resp.json() == expected
+    assert answers[0].headers["x-request-id"] == "q-1"
+    assert holder.arrived == 1  # none of them reached the engine
+
+    # The leased request keeps its deadline: drain waits for it, and it completes.
+    assert not draining.done() and s.app[POOL].stats().leases == 1
+    holder.gate.set()
+    resp = await leased
+    assert resp.status == 200 and (await resp.read()).rstrip().endswith(b"data: [DONE]")
+    assert await asyncio.wait_for(draining, 5) is True
+
+
+def _responses_image() -> list[dict[str, Any]]:
+    url = chat_body()["messages"][0]["content"][0]["image_url"]["url"]
+    return [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}, {"type": "input_image", "image_url": url}]}
+    ]
+
+
+async def test_sigterm_answers_queued_requests_at_once(tmp_path: Path, held_upstream: Any) -> None:
+    upstream_url, release, arrived = held_upstream
+    async with (
+        run_sidecar(
+            tmp_path, upstream_url, {"gate": {"queue_timeout_s": 30}}, shutdown_timeout_s=10, debug_endpoints=True
+        ) as sc,
+        aiohttp.ClientSession() as http,
+    ):
+        inflight = asyncio.create_task(http.post(sc.url + "/v1/chat/completions", json=chat_body()))
+        await asyncio.wait_for(arrived.wait(), 5)
+        queued = [
+            asyncio.create_task(http.post(sc.url + "/v1/chat/completions", json=chat_body(stream=True))),
+            asyncio.create_task(http.post(sc.url + "/v1/messages", json=messages_body())),
+        ]
+        async with asyncio.timeout(5):
+            while (await (await http.get(sc.url + "/debug/state")).json())["queued"] != 2:
+                await asyncio.sleep(0.02)
+
+        sc.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(2):
+            openai_resp, anthropic_resp = [await task for task in queued]
+        for resp, expected in ((openai_resp, OPENAI_SHUTTING_DOWN), (anthropic_resp, ANTHROPIC_SHUTTING_DOWN)):
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "1" and resp.headers["retry-after-ms"] == "1000"
+            assert await resp.json() == expected
+        assert sc.proc.returncode is None and not inflight.done()  # the leased request still has its deadline
+
+        release.set()
+        done = await asyncio.wait_for(inflight, 5)
+        assert done.status == 200 and (await done.json())["object"] == "chat.completion"
+        assert await asyncio.wait_for(sc.proc.wait(), 10) == 0
+    assert any("2 queued for a slot: refused" in line for line in sc.log)

@@ -1,4 +1,5 @@
-"""Non-streaming answers: a ``chat.completion`` as an Anthropic Message or a Responses ``response`` object."""
+"""Non-streaming answers: a ``chat.completion`` as an Anthropic Message or a Responses ``response`` object,
+and an engine's error answer in the client API's error shape."""
 
 from __future__ import annotations
 
@@ -115,3 +116,78 @@ def chat_to_responses(chat_response: JSON, request: JSON) -> JSON:
         output=output,
         usage=_responses_usage(chat_response.get("usage")),
     )
+
+
+# ---- errors
+
+# Anthropic's documented error types by HTTP status; 503 is what an overloaded engine answers.
+ANTHROPIC_ERRORS_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    """The Anthropic error type for an HTTP error status; an unlisted one by its class."""
+    return ANTHROPIC_ERRORS_BY_STATUS.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+
+
+def engine_error(payload: Any) -> JSON:
+    """The error object of an engine's error answer or in-band error event, whatever its wrapping:
+    ``{"error": {...}}`` (OpenAI, vLLM), a flat ``{"object": "error", "message": ...}`` (older vLLM,
+    SGLang), ``{"error": "text"}``, or not JSON at all."""
+    if isinstance(payload, dict):
+        inner = payload.get("error")
+        if isinstance(inner, dict):
+            return inner
+        if inner is not None:
+            return {"message": str(inner)}
+        return payload
+    return {"message": str(payload)}
+
+
+def _error_message(error: JSON, status: int) -> str:
+    message = error.get("message")
+    if isinstance(message, str) and message.strip():
+        return message
+    return f"the engine answered HTTP {status}"
+
+
+def chat_error_to_messages(status: int, payload: Any) -> JSON:
+    """An engine's error answer (``payload``: its parsed JSON, or its text) as an Anthropic error.
+
+    The type follows the HTTP status, which the client sees too: the engine's own ``type`` is an
+    OpenAI or Python class name (``invalid_request_error`` for a 404, ``BadRequestError``).
+    """
+    error = engine_error(payload)
+    return {"type": "error", "error": {"type": anthropic_error_type(status), "message": _error_message(error, status)}}
+
+
+def chat_error_to_responses(status: int, payload: Any) -> JSON:
+    """An engine's error answer as the OpenAI error object the Responses API answers with.
+
+    The engine's ``type`` and ``param`` are kept; ``code`` only when it is a string, as OpenAI's is
+    (vLLM puts the HTTP status there, which the client has as the status itself).
+    """
+    error = engine_error(payload)
+    kind = error.get("type")
+    if not isinstance(kind, str) or not kind:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+    param, code = error.get("param"), error.get("code")
+    return {
+        "error": {
+            "message": _error_message(error, status),
+            "type": kind,
+            "param": param if isinstance(param, str) else None,
+            "code": code if isinstance(code, str) else None,
+        }
+    }

@@ -1,7 +1,8 @@
 """Streams: a chat SSE stream translated event by event into an Anthropic Messages or Responses stream.
 
 Streams never raise on what the engine sends: an in-band error, malformed JSON or a truncated stream
-becomes the client API's ``error`` event, after which the translator is closed.
+becomes the client API's ``error`` event, after which the translator is closed. So does a failure the
+sidecar itself sees (the engine broke off or went silent): :meth:`StreamTranslator.fail`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any, Protocol
 import orjson
 
 from sidecar.assemble import unindexed_call_slot
+from sidecar.errors import SidecarError
 from sidecar.sse import SSEEvent
 
+from .answers import ANTHROPIC_ERRORS_BY_STATUS, anthropic_error_type, engine_error
 from .common import (
     JSON,
     _anthropic_stop,
@@ -42,6 +45,14 @@ class StreamTranslator(Protocol):
         """The upstream stream ended: the frames that close the client's stream (an error if truncated)."""
         ...
 
+    def fail(self, error: SidecarError) -> list[bytes]:
+        """The sidecar ends the stream with its own error, in the client's grammar (nothing if already closed).
+
+        An SSE error event of the chat form would be the wrong grammar for these clients: a Responses
+        error event carries a ``sequence_number``, an Anthropic one the Anthropic error object.
+        """
+        ...
+
 
 def _frame(event_type: str, payload: JSON) -> bytes:
     return b"event: " + event_type.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
@@ -61,18 +72,6 @@ class _Call:
     arguments: list[str] = field(default_factory=list)
     slot: int | None = None
     item_id: str = ""
-
-
-def _upstream_error(payload: Any) -> JSON:
-    """The error object of an in-band chat error, whatever its wrapping."""
-    if isinstance(payload, dict):
-        inner = payload.get("error")
-        if isinstance(inner, dict):
-            return inner
-        if inner is not None:
-            return {"message": str(inner)}
-        return payload
-    return {"message": str(payload)}
 
 
 class _ChatStream:
@@ -109,12 +108,12 @@ class _ChatStream:
             if event.event != "error":
                 return self._abort({"message": f"upstream sent malformed JSON: {data[:200]!r}"})
         if event.event == "error":
-            return self._abort(_upstream_error(payload if payload is not None else data))
+            return self._abort(engine_error(payload if payload is not None else data))
         if not isinstance(payload, dict):
             return self._abort({"message": "upstream stream chunk is not a JSON object"})
         # vLLM and SGLang report failures mid-stream as `{"error": {...}}`; some servers flatten it.
         if payload.get("error") is not None or payload.get("object") == "error":
-            return self._abort(_upstream_error(payload))
+            return self._abort(engine_error(payload))
         try:
             return self._chunk(payload)
         except _StreamFault as exc:
@@ -127,6 +126,12 @@ class _ChatStream:
             return self._abort({"message": "upstream stream ended before the answer was complete"})
         # A stream with a finish_reason but no [DONE] only lacks the usage chunk: still a whole answer.
         return self._end()
+
+    def fail(self, error: SidecarError) -> list[bytes]:
+        if self._closed:
+            return []
+        self._closed = True
+        return self._own_error(error)
 
     def _chunk(self, chunk: JSON) -> list[bytes]:
         frames: list[bytes] = []
@@ -260,27 +265,23 @@ class _ChatStream:
     def _error(self, error: JSON) -> list[bytes]:
         raise NotImplementedError
 
+    def _own_error(self, error: SidecarError) -> list[bytes]:
+        raise NotImplementedError
+
 
 # ---- chat stream -> Anthropic Messages stream
 
-_ANTHROPIC_ERRORS_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-    529: "overloaded_error",
-}
-_ANTHROPIC_ERROR_TYPES = frozenset((*_ANTHROPIC_ERRORS_BY_STATUS.values(), "api_error", "timeout_error"))
+_ANTHROPIC_ERROR_TYPES = frozenset(ANTHROPIC_ERRORS_BY_STATUS.values())
 
 
 def _anthropic_error(error: JSON) -> JSON:
-    kind = error.get("type")
-    if kind not in _ANTHROPIC_ERROR_TYPES:
-        # vLLM puts the HTTP status in `code` and a Python class name in `type`.
-        kind = _ANTHROPIC_ERRORS_BY_STATUS.get(_int(error.get("code")), "api_error")
+    # vLLM puts the HTTP status in `code` and a Python class name in `type`: a status decides, as it
+    # does for a whole error answer; without one, a type that is already Anthropic's is kept.
+    status = _int(error.get("code"))
+    if 400 <= status < 600:
+        kind = anthropic_error_type(status)
+    else:
+        kind = error["type"] if error.get("type") in _ANTHROPIC_ERROR_TYPES else "api_error"
     message = error.get("message")
     return {
         "type": "error",
@@ -363,6 +364,10 @@ class _MessagesStream(_ChatStream):
 
     def _error(self, error: JSON) -> list[bytes]:
         return [_frame("error", _anthropic_error(error))]
+
+    def _own_error(self, error: SidecarError) -> list[bytes]:
+        payload = {"type": "error", "error": {"type": error.cause.value.anthropic_type, "message": error.message}}
+        return [_frame("error", payload)]
 
 
 def chat_stream_to_messages(model: str, request_id: str) -> StreamTranslator:
@@ -490,6 +495,9 @@ class _ResponsesStream(_ChatStream):
         message = message if isinstance(message, str) and message else "upstream error"
         param = error.get("param") if isinstance(error.get("param"), str) else None
         return [self._emit("error", code=code, message=message, param=param)]
+
+    def _own_error(self, error: SidecarError) -> list[bytes]:
+        return [self._emit("error", code=error.cause.code, message=error.message, param=error.param)]
 
 
 def chat_stream_to_responses(request: JSON, response_id: str) -> StreamTranslator:
