@@ -6,7 +6,8 @@ answer, and stop them in `finally`: SIGTERM (the engine's launcher stops its ran
 and stops its workers), SIGKILL to the whole group after a deadline. A sidecar gets a segment name of
 its own; after it stops, no `/dev/shm/mm-sidecar-<name>-*` may remain (`LeakError` otherwise, after
 removing it). Every child runs with `OMP_NUM_THREADS=1` (2-core machines: ranks, workers and the
-client would otherwise oversubscribe the cores) and `HF_HUB_OFFLINE=1`.
+client would otherwise oversubscribe the cores) and `HF_HUB_OFFLINE=1`. `python_service()` does the
+same for a helper server of a benchmark's own (bench.hostile_mix's upstream).
 
 Memory. `MemorySampler` sums RSS and PSS over every process of the given trees at a fixed interval
 (50 ms by default) in a thread, and keeps the series and the peaks of the sums: RSS from the kernel's
@@ -287,6 +288,25 @@ def echo_upstream(log_dir: Path, *, tokens: int = 1) -> Iterator[Service]:
     argv += ["--port", str(port), "--tokens", str(tokens)]
     service = start_service(f"echo-{port}", argv, f"http://127.0.0.1:{port}", log_dir)
     with _running(service, "/health", 60):
+        yield service
+
+
+@contextlib.contextmanager
+def python_service(
+    name: str,
+    args: Sequence[str],
+    log_dir: Path,
+    *,
+    health_path: str = "/health",
+    start_timeout_s: float = 60,
+    cpus: frozenset[int] | None = None,
+) -> Iterator[Service]:
+    """`python <args>` (a benchmark's own helper server, on the port its args name) as a service: ready
+    when `health_path` answers 200, stopped on exit."""
+    port = free_port()
+    argv = [_python(), *(a.replace("{port}", str(port)) for a in args)]
+    service = start_service(f"{name}-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus)
+    with _running(service, health_path, start_timeout_s):
         yield service
 
 

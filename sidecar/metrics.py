@@ -81,8 +81,15 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        # One counter for every way a worker is lost, so the existing alert on any increase covers a
+        # worker that cannot start too; reason "start_failed" tells it from crashes ("exit <code>")
+        # and "timeout", and grows at most once per back-off delay (preprocess.pool).
         self.worker_restarts = Counter(
-            "mm_sidecar_worker_restarts", "Preprocessing workers replaced, by reason", ["reason"], registry=registry
+            "mm_sidecar_worker_restarts",
+            "Preprocessing workers replaced, by reason: timeout, exit <code> (died after it was ready), "
+            "start_failed (never became ready; retried after a growing back-off)",
+            ["reason"],
+            registry=registry,
         )
         self.arena_free_bytes = Gauge(
             "mm_sidecar_arena_largest_free_bytes", "Largest free run in the arena (offload mode)", registry=registry
@@ -98,13 +105,15 @@ class Metrics:
         # that maps the arena takes tens of ms, which must not run on the event loop.
         self.loop_lag = Histogram(
             "mm_sidecar_event_loop_lag_seconds",
-            "How late the event loop ran a timer (sampled every 100 ms): time text requests wait on it",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            "How late the event loop ran a timer (sampled every 10 ms): time text requests wait on it",
+            # 1, 5 and 20 ms are bounds (text-latency targets, a stall worth an alert); up to 10 s, as
+            # hostile bodies once blocked the loop for seconds.
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry,
         )
         self.loop_cpu_wait = Histogram(
             "mm_sidecar_event_loop_cpu_wait_seconds",
-            "Time the event loop's thread was runnable but not running, per 100 ms lag sample (Linux "
+            "Time the event loop's thread was runnable but not running, per window of about 100 ms (Linux "
             "schedstat): lag with CPU wait means too little CPU for the sidecar, lag without it blocking code",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,

@@ -158,3 +158,28 @@ def test_proxy_overhead(tmp_path: Path) -> None:
         loops,
     )
     assert "added p50 <= 0.5 ms at c=1" in text
+
+
+def test_hostile_mix(tmp_path: Path) -> None:
+    # every kind at 1/100 of its size, in the mix and the text-alone baseline: both paths, two sidecars
+    text = run_bench(
+        "hostile_mix",
+        tmp_path,
+        "--variants",
+        "alone,mix",
+        "--seconds",
+        "1.5",
+        "--scale",
+        "0.01",
+        "--slowloris",
+        "2",
+        "--trickle-ms",
+        "50",
+        timeout_s=120,
+    )
+    assert "| alone |" in text and "| mix |" in text and "loop lag p99" in text
+    mix = next(line for line in text.splitlines() if line.startswith("| mix |"))
+    assert mix.split(" | ")[1].split("/")[0] != "0", mix  # text requests were answered during the mix
+    for kind in ("a: ", "b: ", "c: ", "d: ", "e: slowloris"):
+        assert f"| mix | {kind}" in text, kind  # each hostile kind was sent and its answers counted
+    assert "target: loop lag p99 <= 5 ms with the hostile mix" in text
