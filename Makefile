@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test lint typecheck unit clean promtool
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# promtool (Debian's prometheus package) checks deploy/prometheus in tests/test_deploy.py.
+promtool:
+	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+
+unit: $(STAMP) promtool
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
@@ -42,3 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.proxy_overhead --requests 1000
 	$(BIN)/python -m bench.text_isolation --images 16 --size 1280x720
 	$(BIN)/python -m bench.preprocess_throughput --images-1080p 16 --images-12mp 4
+	$(BIN)/python -m bench.hostile_mix --seconds 5

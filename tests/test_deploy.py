@@ -492,7 +492,7 @@ def promtool() -> str:
     exe = shutil.which("promtool")
     if exe is None:
         pytest.fail(
-            "promtool is missing: apt-get install prometheus (Debian's package; .ci/run installs it)", pytrace=False
+            "promtool is missing: apt-get install prometheus (Debian's package; `make test` installs it)", pytrace=False
         )
     return exe
 
