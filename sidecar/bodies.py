@@ -11,7 +11,7 @@ Two rules keep the budget honest and fair:
 - multimodal bodies, which wait at the gate for a lease (up to `gate.queue_timeout_s`), may hold at
   most `1 - server.text_body_share` of the budget: queued images can never starve text of memory.
 
-While a body arrives, its `{` and `,` bytes are counted (strings included: an upper bound on its
+While a body arrives, its `{`, `,` and `[` bytes are counted (strings included: an upper bound on its
 objects and values): a body over `limits.max_json_objects` / `limits.max_json_items` is refused
 before it is joined or parsed, since parsing it would hold the event loop for its whole size.
 """
@@ -103,7 +103,7 @@ class JsonBounds:
 
 
 class _Structure:
-    """Running counts of `{` and `,` over the chunks of one body."""
+    """Running counts of `{` and of `,` and `[` over the chunks of one body."""
 
     __slots__ = ("bounds", "items", "objects")
 
@@ -114,7 +114,8 @@ class _Structure:
 
     def feed(self, chunk: bytes) -> None:
         self.objects += chunk.count(b"{")
-        self.items += chunk.count(b",")
+        # Every array or member after the first needs a comma, every array a bracket (nesting bombs too).
+        self.items += chunk.count(b",") + chunk.count(b"[")
         if self.objects > self.bounds.max_objects:
             raise SidecarError(
                 Cause.BODY_TOO_COMPLEX,

@@ -212,7 +212,7 @@ class LimitsConfig:
     )
     max_json_items: int = field(
         default=200_000,
-        metadata=_bounds(ge=16, doc="',' bytes in a body, strings included, counted as it arrives (413 above)"),
+        metadata=_bounds(ge=16, doc="',' and '[' bytes in a body, strings included, counted as it arrives (413 above)"),
     )
     allowed_part_types: tuple[str, ...] = field(
         default=(), metadata=_bounds(doc="content part types forwarded unchecked to an engine that understands them")

@@ -472,3 +472,12 @@ async def test_queued_image_bodies_leave_text_its_share(stack: StackFactory) -> 
     assert (await s.client.post("/v1/chat/completions", json=text)).status == 200
     parked.release.set()
     assert [(await t).status for t in (first, second)] == [200, 200]
+
+
+async def test_a_nesting_bomb_is_refused_as_it_arrives(stack: StackFactory) -> None:
+    s = await stack()
+    raw = b'{"model":"m","prompt":"hi","x":' + b"[" * 1_000_000 + b"]" * 1_000_000 + b"}"
+    resp = await s.client.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "body_too_complex"
+    assert s.engine.stats.requests == 0
