@@ -340,21 +340,22 @@ class _Walk:
         self.checked[id(node)] = "media"
 
 
-def _walk_chat(walk: _Walk, body: JSON) -> None:
+def _walk_message_list(walk: _Walk, body: JSON, shape: _Shape) -> None:
     for i, message in enumerate(walk.messages("messages", body.get("messages"))):
         if not isinstance(message, dict):
             raise _bad(f"messages[{i}]", f"must be an object, got {_type_of(message)}")
-        walk.content(f"messages[{i}].content", message.get("content"), _CHAT)
+        walk.content(f"messages[{i}].content", message.get("content"), shape)
+
+
+def _walk_chat(walk: _Walk, body: JSON) -> None:
+    _walk_message_list(walk, body, _CHAT)
 
 
 def _walk_messages(walk: _Walk, body: JSON) -> None:
     system = body.get("system")
     if system is not None and not isinstance(system, str):
         walk.content("system", system, _ANTHROPIC)
-    for i, message in enumerate(walk.messages("messages", body.get("messages"))):
-        if not isinstance(message, dict):
-            raise _bad(f"messages[{i}]", f"must be an object, got {_type_of(message)}")
-        walk.content(f"messages[{i}].content", message.get("content"), _ANTHROPIC)
+    _walk_message_list(walk, body, _ANTHROPIC)
 
 
 def _walk_responses(walk: _Walk, body: JSON) -> None:

@@ -6,7 +6,6 @@ a second one matters; nothing is mocked. The threat model is in `preprocess.prot
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import multiprocessing
@@ -38,6 +37,8 @@ from preprocess.protocol import (
     descriptor_mac,
 )
 
+from .test_arena import refused
+
 SPAWN = multiprocessing.get_context("spawn")
 MiB = 1 << 20
 KEY_OFFSET = 92  # in the header page: see the layout in preprocess.protocol
@@ -66,17 +67,6 @@ def publish(arena: Arena, array: np.ndarray[Any, Any]) -> tuple[Extent, TensorDe
     desc = arena.write(extent, 0, array)
     arena.publish(extent)
     return extent, desc
-
-
-@contextlib.contextmanager
-def refused(
-    fragment: str, kind: type[DescriptorError] = DescriptorError
-) -> Iterator[pytest.ExceptionInfo[DescriptorError]]:
-    """Expect a `kind` whose str() is the fixed message and whose detail names the cause."""
-    with pytest.raises(kind) as info:
-        yield info
-    assert str(info.value) == DESCRIPTOR_ERROR
-    assert fragment in info.value.detail, info.value.detail
 
 
 def every_read(reader: ArenaReader) -> list[Callable[[TensorDescriptor], object]]:
