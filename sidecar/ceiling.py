@@ -61,7 +61,10 @@ def per_image_peak(config: Config) -> int:
 
 def memory_ceiling(config: Config) -> Ceiling:
     terms = [Term("base", SIDECAR_BASE, "the sidecar process at idle (measured, rounded up)")]
-    terms.append(Term("request bodies", config.server.max_body_memory, "server.max_body_memory"))
+    # The budget charges a parsed body twice (the tree, then the bytes sent upstream): both are inside it.
+    terms.append(
+        Term("request bodies", config.server.max_body_memory, "server.max_body_memory (parsed copies included)")
+    )
     limits = config.limits
     if limits.allow_remote_urls:
         # Fetched bytes, then their base64 text in the rewritten body (4/3).
