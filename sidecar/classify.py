@@ -245,6 +245,10 @@ class _Shape:
     containers: frozenset[str]  # part types holding parts of their own in `content`
     hint: str  # how this shape spells an image, for the refusal of another shape's media type
 
+    @property
+    def article(self) -> str:
+        return "an" if self.name[0] in "AEIOU" else "a"
+
 
 _CHAT = _Shape("chat completions", _CHAT_TEXT, _CHAT_MEDIA, _chat_media, frozenset(), '{"type": "image_url", ...}')
 _RESPONSES = _Shape(
@@ -314,7 +318,7 @@ class _Walk:
         elif ptype in PRICED_PART_TYPES:
             raise _bad(
                 f"{where}.type",
-                f"{ptype!r} is not a {shape.name} content part type; send media here as {shape.hint}",
+                f"{ptype!r} is not {shape.article} {shape.name} content part type; send media here as {shape.hint}",
                 Cause.UNSUPPORTED_PART,
             )
         elif ptype in self.allowed:

@@ -122,7 +122,7 @@ async def test_openai_image_part_in_anthropic_messages_is_refused(stack: StackFa
         "type": "error",
         "error": {
             "type": "invalid_request_error",
-            "message": "messages[0].content[0].type: 'image_url' is not a Anthropic content part type; "
+            "message": "messages[0].content[0].type: 'image_url' is not an Anthropic content part type; "
             'send media here as {"type": "image"}',
         },
     }
