@@ -32,7 +32,7 @@ from .config import Config, format_size
 from .connections import make_runner
 from .errors import Cause, SidecarError
 from .families import error_response, family_of_path
-from .gate import SlotPool
+from .gate import SHUTTING_DOWN_MESSAGE, SlotPool
 from .metrics import Metrics
 from .offload import verify_shared_memory
 from .remote import RemoteImages
@@ -53,7 +53,7 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     state = request.app[STATE]
     if state.draining:
-        error = SidecarError(Cause.SHUTTING_DOWN, "the sidecar is shutting down; retry on another replica")
+        error = SidecarError(Cause.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE)
         return error_response(
             family_of_path(request.path),
             error,

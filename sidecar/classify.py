@@ -425,11 +425,6 @@ def walk(kind: ApiKind, body: JSON, limits: LimitsConfig) -> Classification:
     return Classification(tuple(w.media), w.checked)
 
 
-def find_media(kind: ApiKind, body: JSON, limits: LimitsConfig | None = None) -> list[MediaPart]:
-    """Every media part, in body order (shape checks only, no pricing and no URL policy)."""
-    return list(walk(kind, body, limits or LimitsConfig()).parts)
-
-
 def classify(
     kind: ApiKind,
     body: JSON,
@@ -524,7 +519,6 @@ __all__ = [
     "Classification",
     "MediaPart",
     "classify",
-    "find_media",
     "price_image",
     "walk",
 ]

@@ -27,6 +27,10 @@ from typing import Protocol
 
 from .errors import Cause, SidecarError
 
+# One answer for every request refused because shutdown began: queued here, or arriving after it
+# (app.drain_middleware).
+SHUTTING_DOWN_MESSAGE = "the sidecar is shutting down; retry on another replica"
+
 
 class Allocator(Protocol):
     """Backs the pool's byte budget with real memory (offload mode: arena extents).
@@ -167,7 +171,7 @@ class SlotPool:
         if lease is not None:
             return lease
         if self._draining:
-            raise SidecarError(Cause.SHUTTING_DOWN, _SHUTTING_DOWN)
+            raise SidecarError(Cause.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE)
         if len(self._waiters) >= self.max_queue:
             raise SidecarError(
                 Cause.QUEUE_FULL,
@@ -206,7 +210,7 @@ class SlotPool:
 
     def _check_admissible(self, nbytes: int) -> None:
         if self._closed:
-            raise SidecarError(Cause.SHUTTING_DOWN, _SHUTTING_DOWN)
+            raise SidecarError(Cause.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE)
         if nbytes > self.max_bytes:
             raise SidecarError(
                 Cause.OVER_BUDGET,
@@ -262,11 +266,7 @@ class SlotPool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
-                waiter.future.set_exception(SidecarError(Cause.SHUTTING_DOWN, _SHUTTING_DOWN))
+                waiter.future.set_exception(SidecarError(Cause.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE))
                 failed += 1
         self._notify()
         return failed
-
-
-# The same words as the 503 for requests that arrive after draining began (app.drain_middleware).
-_SHUTTING_DOWN = "the sidecar is shutting down; retry on another replica"

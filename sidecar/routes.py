@@ -126,16 +126,14 @@ class ApiHandler:
         if REMOTE in app and found.multimodal:
             await app[REMOTE].inline(found.parts, config.limits, spec, charge)
         if config.upstream.mode == "offload":
-            if self.extra:
-                if found.multimodal:
-                    raise SidecarError(
-                        Cause.BAD_REQUEST,
-                        f"{found.parts[0].path}: in offload mode images are accepted on the API routes only",
-                        param=found.parts[0].path,
-                    )
-                fwd = Forward(request.method, request.raw_path, headers, orjson.dumps(data), "openai", request_id)
-                return await app[UPSTREAM].forward(request, fwd)
-            return await self._offload(request, request_id, headers, data, found)
+            if not self.extra:
+                return await self._offload(request, request_id, headers, data, found)
+            if found.multimodal:  # only the API routes are preprocessed; an extra path forwards as is
+                raise SidecarError(
+                    Cause.BAD_REQUEST,
+                    f"{found.parts[0].path}: in offload mode images are accepted on the API routes only",
+                    param=found.parts[0].path,
+                )
         if not found.multimodal:
             fwd = Forward(request.method, request.raw_path, headers, orjson.dumps(data), self.route.family, request_id)
             return await app[UPSTREAM].forward(request, fwd)

@@ -22,7 +22,7 @@ from preprocess.sources import (
     parse_data_url,
     parse_image_url,
 )
-from sidecar.classify import Classification, MediaPart, classify, find_media
+from sidecar.classify import Classification, MediaPart, classify, walk
 from sidecar.config import GateConfig, LimitsConfig, Size
 from sidecar.errors import Cause, SidecarError
 
@@ -129,7 +129,7 @@ def test_chat_image_url_with_detail() -> None:
 
 def test_chat_video_url() -> None:
     body = chat({"type": "video_url", "video_url": {"url": "https://videos.example.com/a.mp4"}})
-    (part,) = find_media("chat", body)
+    (part,) = list(walk("chat", body, LIMITS).parts)
     assert part.media == "video"
     assert isinstance(part.source, RemoteImage)
     assert part.source.host == "videos.example.com"
@@ -142,7 +142,7 @@ def test_chat_video_url() -> None:
 
 def test_chat_audio_url() -> None:
     body = chat({"type": "audio_url", "audio_url": "https://audio.example.com/a.wav"})
-    (part,) = find_media("chat", body)
+    (part,) = list(walk("chat", body, LIMITS).parts)
     assert part.media == "audio"
     assert "remote audio URLs are not supported" in refuse("chat", body, REMOTE).message
 
@@ -220,7 +220,7 @@ def test_chat_input_image_part_counts_too() -> None:
     assert part.media == "image"
 
 
-def test_find_media_order_and_paths() -> None:
+def test_walk_order_and_paths() -> None:
     body = {
         "messages": [
             {"role": "user", "content": [image_url_part(data_url()), {"type": "text", "text": "x"}]},
@@ -235,13 +235,13 @@ def test_find_media_order_and_paths() -> None:
             },
         ]
     }
-    parts = find_media("chat", body)
+    parts = list(walk("chat", body, LIMITS).parts)
     assert [(p.path, p.media) for p in parts] == [
         ("messages[0].content[0]", "image"),
         ("messages[2].content[1]", "video"),
         ("messages[2].content[2]", "image"),
     ]
-    # find_media does not price or check limits: remote URLs are found, not refused.
+    # walk does not price or check limits: remote URLs are found, not refused.
     assert all(p.cost == 0 and p.header is None for p in parts)
 
 
@@ -378,7 +378,7 @@ def test_anthropic_text_only_and_string_tool_result() -> None:
 def test_completions_is_always_text(body: dict[str, Any]) -> None:
     c = classify("completions", body, LimitsConfig(max_images_per_request=0), GATE)
     assert c.kind == "text"
-    assert find_media("completions", body) == []
+    assert list(walk("completions", body, LIMITS).parts) == []
 
 
 # --------------------------------------------------------------------------- cost
