@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .arena import Arena, ArenaStats, Extent, segment_name, unlink_stale
 from .pool import WorkerPool, WorkerPoolStats
 from .protocol import TensorDescriptor
+from .spans import Text
 from .worker import ImageResult, ImageTask, Shapes, WorkerSetup, WorkerState, process_image, stage
 
 log = logging.getLogger("mm_sidecar.pipeline")
@@ -155,7 +156,7 @@ class ImagePipeline:
             hold.release()
 
     # -- work ------------------------------------------------------------------------------
-    async def process(self, hold: ExtentHold, data: bytes | str, expected: Shapes) -> Processed:
+    async def process(self, hold: ExtentHold, data: bytes | Text, expected: Shapes) -> Processed:
         """Decode and preprocess one image into `hold`'s extent; publish it; return its descriptors.
 
         On success the extent stays reserved until `hold.release()` (after the engine's ack). On

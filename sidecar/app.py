@@ -26,13 +26,27 @@ from preprocess.processors import read_spec, resolve_processor
 from preprocess.procmem import tree_memory
 from preprocess.protocol import PAGE, shm_token
 
-from .app_keys import BODIES, CONFIG, METRICS, PIPELINE, POOL, REMOTE, RESOLVER, SPEC, STATE, UPSTREAM, ServerState
+from .app_keys import (
+    BODIES,
+    CONFIG,
+    HOLLOWER,
+    METRICS,
+    PIPELINE,
+    POOL,
+    REMOTE,
+    RESOLVER,
+    SPEC,
+    STATE,
+    UPSTREAM,
+    ServerState,
+)
 from .bodies import BodyBudget
 from .config import Config, format_size
 from .connections import make_runner
 from .errors import Cause, SidecarError
 from .families import error_response, family_of_path
 from .gate import SHUTTING_DOWN_MESSAGE, SlotPool
+from .hollow import background_executor
 from .metrics import Metrics
 from .offload import verify_shared_memory
 from .remote import RemoteImages
@@ -211,6 +225,12 @@ async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _hollow_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[HOLLOWER] = background_executor()
+    yield
+    app[HOLLOWER].shutdown(wait=False, cancel_futures=True)
+
+
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Nothing is admitted from here on. Whatever queued since `drain` (nothing: it stops the queue),
@@ -247,6 +267,7 @@ def create_app(
     if resolver is not None:
         app[RESOLVER] = resolver
     app.cleanup_ctx.append(_loop_lag_ctx)
+    app.cleanup_ctx.append(_hollow_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_remote_ctx)
     app.cleanup_ctx.append(_pool_ctx)

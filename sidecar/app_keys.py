@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -48,6 +49,7 @@ METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", SlotPool)
 UPSTREAM = web.AppKey("upstream", Upstream)
 STATE = web.AppKey("state", ServerState)
+HOLLOWER = web.AppKey("hollower", ThreadPoolExecutor)  # hollow.background_executor
 BODIES = web.AppKey("bodies", BodyBudget)
 SPEC = web.AppKey("spec", ProcessorSpec)  # present when preprocess.processor is set
 REMOTE = web.AppKey("remote", RemoteImages)  # present when limits.allow_remote_urls is on

@@ -7,7 +7,8 @@ not fit is refused at once with 503 rather than queued (its bytes are already on
 
 Two rules keep the budget honest and fair:
 - a parsed body costs twice its size: the parsed tree, then the bytes that go to the engine (the
-  raw bytes are dropped once parsed);
+  raw bytes are dropped once parsed); parsed hollow (`hollow.py`), its bytes plus twice the JSON
+  parsed (its base64 runs go upstream from the buffer), which is at most twice its size too;
 - multimodal bodies, which wait at the gate for a lease (up to `gate.queue_timeout_s`), may hold at
   most `1 - server.text_body_share` of the budget: queued images can never starve text of memory.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import numpy as np
 from aiohttp import web
 
 from .errors import Cause, SidecarError
@@ -113,9 +115,11 @@ class _Structure:
         self.items = 0
 
     def feed(self, chunk: bytes) -> None:
-        self.objects += chunk.count(b"{")
+        # numpy's vectorized compares: a quarter of bytes.count's time (~0.4 against ~1.6 ms a MiB).
+        a = np.frombuffer(chunk, np.uint8)
+        self.objects += int(np.count_nonzero(a == 0x7B))  # {
         # Every array or member after the first needs a comma, every array a bracket (nesting bombs too).
-        self.items += chunk.count(b",") + chunk.count(b"[")
+        self.items += int(np.count_nonzero(a == 0x2C)) + int(np.count_nonzero(a == 0x5B))  # , [
         if self.objects > self.bounds.max_objects:
             raise SidecarError(
                 Cause.BODY_TOO_COMPLEX,
@@ -128,18 +132,25 @@ class _Structure:
             )
 
 
+_YIELD_EVERY = 1 << 20  # bytes of body processed between two turns of the event loop, at most
+
+
 async def read_body(
     request: web.Request,
     charge: BodyCharge,
     max_body_bytes: int,
     timeout_s: float,
     bounds: JsonBounds | None = None,
-) -> bytes:
+) -> bytes | memoryview:
     """The whole body, size-capped, time-capped, structure-capped and charged to `charge`.
 
     The time cap is for slow clients (slow loris): a body that trickles in holds memory and a
     connection, so it gets `timeout_s` in all, not per chunk. The bytes stay charged until the
     caller's `charge.release()` at the request's end, whatever ends it.
+
+    A body that arrives in chunks is copied into one buffer as it comes (a Content-Length is
+    allocated once, uninitialized: no pages are touched before bytes arrive), never joined at the
+    end: joining 25 MiB of chunks held the loop ~4 ms.
     """
     if request.content_length is not None and request.content_length > max_body_bytes:
         raise SidecarError(
@@ -154,22 +165,38 @@ async def read_body(
             structure.feed(body)
         charge.take(len(body))
         return body
-    chunks: list[bytes] = []
+    # Content-Length counts the bytes on the wire; a compressed body (aiohttp decodes it) is longer.
+    declared = request.content_length if "Content-Encoding" not in request.headers else None
+    buf = np.empty(declared, np.uint8) if declared is not None else None
+    chunks: list[bytes] = []  # without a Content-Length (chunked upload): copied once at the end
     received = 0
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.content.iter_chunked(1 << 16):
-                if received + len(chunk) > max_body_bytes:
+                if received + len(chunk) > (declared if declared is not None else max_body_bytes):
                     raise SidecarError(
                         Cause.BODY_TOO_LARGE, f"request body is more than server.max_body_bytes={max_body_bytes} bytes"
                     )
                 if structure is not None:
                     structure.feed(chunk)
                 charge.take(len(chunk))
+                if buf is not None:
+                    buf[received : received + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                else:
+                    chunks.append(chunk)
                 received += len(chunk)
-                chunks.append(chunk)
+                if received % _YIELD_EVERY < len(chunk):
+                    # A fast client fills aiohttp's buffer faster than we drain it (7.5 MiB measured
+                    # in one step), and reading what is buffered never suspends: let the loop run.
+                    await asyncio.sleep(0)
     except TimeoutError:
         raise SidecarError(
             Cause.BODY_TIMEOUT, f"request body not received within server.body_timeout_s={timeout_s:g}"
         ) from None
-    return b"".join(chunks)
+    if buf is None:
+        buf = np.empty(received, np.uint8)
+        offset = 0
+        for chunk in chunks:
+            buf[offset : offset + len(chunk)] = np.frombuffer(chunk, np.uint8)
+            offset += len(chunk)
+    return memoryview(buf.data)[:received]

@@ -29,7 +29,11 @@ its header (only a bounded base64 prefix is decoded), never from a decode.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +43,7 @@ from preprocess.fetch import host_allowed
 from preprocess.probe import ImageHeader
 from preprocess.processors import ProcessorSpec
 from preprocess.sources import (
+    DeepHeader,
     InlineImage,
     RemoteImage,
     Source,
@@ -50,6 +55,7 @@ from preprocess.sources import (
 
 from .config import GateConfig, LimitsConfig
 from .errors import Cause, SidecarError
+from .hollow import Texts
 from .translate import TranslationError
 
 ApiKind = Literal["chat", "completions", "responses", "messages"]
@@ -83,6 +89,7 @@ class MediaPart:
     node: JSON = field(default_factory=dict, repr=False)  # the part object itself, to rewrite
     header: ImageHeader | None = None
     cost: int = 0  # bytes reserved at the gate
+    deep: bool = False  # its header lies past QUICK_HEADER_BYTES: priced by `price_deep_headers`
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,43 +180,43 @@ def _url_field(path: str, value: object, key: str) -> str:
     return url
 
 
-def _url_part(path: str, media: MediaKind, url: str) -> MediaPart:
+def _url_part(path: str, media: MediaKind, url: str, texts: Texts) -> MediaPart:
     try:
-        source = parse_image_url(url, media)
+        source = parse_image_url(texts.view(url), media)
     except SourceError as exc:
         raise _bad(path, str(exc), Cause.BAD_IMAGE) from None
     encoded = source.nbytes if isinstance(source, InlineImage) else 0
     return MediaPart(path, media, source, encoded)
 
 
-def _chat_media(path: str, ptype: str, part: JSON) -> MediaPart:
+def _chat_media(path: str, ptype: str, part: JSON, texts: Texts) -> MediaPart:
     if ptype == "input_image":
-        return _responses_media(path, ptype, part)
+        return _responses_media(path, ptype, part, texts)
     if ptype == "image_url":
-        return _url_part(path, "image", _url_field(path, part.get("image_url"), "image_url"))
+        return _url_part(path, "image", _url_field(path, part.get("image_url"), "image_url"), texts)
     if ptype == "video_url":
-        return _url_part(path, "video", _url_field(path, part.get("video_url"), "video_url"))
+        return _url_part(path, "video", _url_field(path, part.get("video_url"), "video_url"), texts)
     if ptype == "audio_url":
-        return _url_part(path, "audio", _url_field(path, part.get("audio_url"), "audio_url"))
+        return _url_part(path, "audio", _url_field(path, part.get("audio_url"), "audio_url"), texts)
     audio = part.get("input_audio")
     data = audio.get("data") if isinstance(audio, dict) else None
     if not isinstance(data, str) or not data:
         raise _bad(f"{path}.input_audio", "must be an object with a non-empty base64 string 'data'")
-    return MediaPart(path, "audio", None, InlineImage(None, data).nbytes)
+    return MediaPart(path, "audio", None, InlineImage(None, texts.view(data)).nbytes)
 
 
-def _responses_media(path: str, ptype: str, part: JSON) -> MediaPart:
+def _responses_media(path: str, ptype: str, part: JSON, texts: Texts) -> MediaPart:
     url, file_id = part.get("image_url"), part.get("file_id")
     if isinstance(url, dict):  # tolerated: some clients send the chat shape here
         url = url.get("url")
     if isinstance(url, str) and url:
-        return _url_part(path, "image", url)
+        return _url_part(path, "image", url, texts)
     if isinstance(file_id, str) and file_id:
         return MediaPart(path, "image", None, 0)
     raise _bad(path, "input_image needs a non-empty string 'image_url' or 'file_id'")
 
 
-def _anthropic_media(path: str, ptype: str, block: JSON) -> MediaPart:
+def _anthropic_media(path: str, ptype: str, block: JSON, texts: Texts) -> MediaPart:
     source = block.get("source")
     if not isinstance(source, dict):
         raise _bad(f"{path}.source", f"must be an object, got {_type_of(source)}")
@@ -220,13 +227,13 @@ def _anthropic_media(path: str, ptype: str, block: JSON) -> MediaPart:
             raise _bad(f"{path}.source.data", "must be a non-empty base64 string")
         if not isinstance(media_type, str) or not media_type.startswith("image/"):
             raise _bad(f"{path}.source.media_type", f"must be an image media type, got {media_type!r}")
-        inline = InlineImage(media_type, data)
+        inline = InlineImage(media_type, texts.view(data))
         return MediaPart(path, "image", inline, inline.nbytes)
     if stype == "url":
         url = source.get("url")
         if not isinstance(url, str) or not url:
             raise _bad(f"{path}.source.url", "must be a non-empty string")
-        return _url_part(path, "image", url)
+        return _url_part(path, "image", url, texts)
     if stype == "file":
         if not isinstance(source.get("file_id"), str):
             raise _bad(f"{path}.source.file_id", "must be a string")
@@ -241,7 +248,7 @@ class _Shape:
     name: str
     text: frozenset[str]
     media: frozenset[str]
-    parse_media: Callable[[str, str, JSON], MediaPart]
+    parse_media: Callable[[str, str, JSON, Texts], MediaPart]
     containers: frozenset[str]  # part types holding parts of their own in `content`
     hint: str  # how this shape spells an image, for the refusal of another shape's media type
 
@@ -262,8 +269,9 @@ _ANTHROPIC = _Shape(
 class _Walk:
     """One request's walk: the counters the limits bound, and what was found."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(self, limits: LimitsConfig, texts: Texts) -> None:
         self.limits = limits
+        self.texts = texts  # how a string holding base64 runs left in the body's buffer reads
         self.allowed = frozenset(limits.allowed_part_types)
         self.media: list[MediaPart] = []
         self.checked: dict[int, Literal["text", "media", "allowed"]] = {}
@@ -311,7 +319,7 @@ class _Walk:
         if ptype in shape.text:
             self.checked[id(part)] = "text"
         elif ptype in shape.media:
-            self.add_media(shape.parse_media(where, ptype, part), part)
+            self.add_media(shape.parse_media(where, ptype, part, self.texts), part)
         elif ptype in shape.containers:  # Anthropic tool_result: its own blocks, same rules
             self.checked[id(part)] = "text"
             self.content(f"{where}.content", part.get("content"), shape)
@@ -402,9 +410,11 @@ _WALKERS: dict[str, Callable[[_Walk, JSON], None]] = {
 }
 
 
-def walk(kind: ApiKind, body: JSON, limits: LimitsConfig) -> Classification:
-    """Find and check the shape of every content part (no pricing); raises SidecarError naming the first bad one."""
-    w = _Walk(limits)
+def walk(kind: ApiKind, body: JSON, limits: LimitsConfig, texts: Texts | None = None) -> Classification:
+    """Find and check the shape of every content part (no pricing); raises SidecarError naming the first bad one.
+
+    `texts`: the body's runs left in its buffer (`hollow.parse_body`), for a body parsed hollow."""
+    w = _Walk(limits, texts if texts is not None else Texts())
     _WALKERS[kind](w, body)
     if body.get("prompt_embeds") is not None and "prompt_embeds" not in w.allowed:
         # vLLM reads these as tensors (torch.load): never forwarded unless the operator allows it.
@@ -431,23 +441,59 @@ def classify(
     limits: LimitsConfig,
     gate: GateConfig,
     spec: ProcessorSpec | None = None,
+    *,
+    texts: Texts | None = None,
+    quick: bool = False,
 ) -> Classification:
     """Find, check and price every content part; raises SidecarError naming the first offending part.
 
     Remote images are checked against the URL policy here and priced later, once fetched
     (`price_image`); until then they carry no cost.
     """
-    found = walk(kind, body, limits)
+    found = walk(kind, body, limits, texts)
     for part in found.parts:
-        _check_and_price(part, limits, gate, spec)
+        _check_and_price(part, limits, gate, spec, quick)
     return found
+
+
+async def price_deep_headers(
+    found: Classification, limits: LimitsConfig, spec: ProcessorSpec | None, executor: Executor | None
+) -> None:
+    """Probe and price, in `executor`, the images `classify(quick=True)` left: those whose header lies
+    past QUICK_HEADER_BYTES (up to limits.max_header_bytes: ~5 ms of decoding a MiB, never on the loop)."""
+    loop = asyncio.get_running_loop()
+    for part in found.parts:
+        if not part.deep:
+            continue
+        assert isinstance(part.source, InlineImage)  # only inline images are probed
+        probe_deep = functools.partial(
+            header_prefix, part.source.b64, max_bytes=limits.max_header_bytes, pause=_hand_back_the_gil
+        )
+        try:
+            header = await loop.run_in_executor(executor, probe_deep)
+        except SourceError as exc:
+            raise _refuse(Cause.BAD_IMAGE, part, str(exc)) from None
+        part.deep = False
+        price_image(part, header, limits, spec)
+
+
+# Decoded on the loop before a header is left to a thread: a phone photo's 64 KiB EXIF APP1 and its
+# frame header behind it (~0.5 ms of decoding).
+QUICK_HEADER_BYTES = 128 << 10
+
+
+def _hand_back_the_gil() -> None:
+    # A real sleep, not sleep(0): the thread must be off the GIL long enough for the loop to take it.
+    time.sleep(0.0001)
 
 
 def _refuse(cause: Cause, part: MediaPart, message: str) -> SidecarError:
     return SidecarError(cause, f"{part.path}: {message}", param=part.path)
 
 
-def _check_and_price(part: MediaPart, limits: LimitsConfig, gate: GateConfig, spec: ProcessorSpec | None) -> None:
+def _check_and_price(
+    part: MediaPart, limits: LimitsConfig, gate: GateConfig, spec: ProcessorSpec | None, quick: bool = False
+) -> None:
     if part.encoded_bytes > limits.max_image_bytes:
         raise _refuse(
             Cause.IMAGE_TOO_LARGE,
@@ -475,7 +521,11 @@ def _check_and_price(part: MediaPart, limits: LimitsConfig, gate: GateConfig, sp
     if isinstance(source, InlineImage) and part.media == "image":
         try:
             check_b64_shape(source.b64)
-            header = header_prefix(source.b64, max_bytes=limits.max_header_bytes)
+            quick_bytes = QUICK_HEADER_BYTES if quick else None
+            header = header_prefix(source.b64, max_bytes=limits.max_header_bytes, quick_bytes=quick_bytes)
+        except DeepHeader:
+            part.deep = True  # priced by price_deep_headers, before admission
+            return
         except SourceError as exc:
             raise _refuse(Cause.BAD_IMAGE, part, str(exc)) from None
         price_image(part, header, limits, spec)
@@ -519,6 +569,7 @@ __all__ = [
     "Classification",
     "MediaPart",
     "classify",
+    "price_deep_headers",
     "price_image",
     "walk",
 ]

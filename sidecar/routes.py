@@ -16,20 +16,20 @@ import re
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from preprocess.processors import ProcessorSpec
 
-from .app_keys import BODIES, CONFIG, METRICS, PIPELINE, POOL, REMOTE, SPEC, STATE, UPSTREAM
+from .app_keys import BODIES, CONFIG, HOLLOWER, METRICS, PIPELINE, POOL, REMOTE, SPEC, STATE, UPSTREAM
 from .assemble import Kind, can_upgrade, upgrade_request
 from .bodies import BodyCharge, JsonBounds, read_body
-from .classify import Classification, classify
+from .classify import Classification, classify, price_deep_headers
 from .config import Config
 from .errors import Cause, SidecarError
 from .families import ROUTES, Family, Route, error_response, family_of_path
 from .gate import Lease
+from .hollow import Parsed, Texts, parse_body
 from .offload import CHAT_PATH, check_offloadable, preprocess_images, to_chat
 from .upstream import Forward, request_headers
 
@@ -41,16 +41,6 @@ def request_id_of(request: web.Request) -> str:
     """Keep a sane client `x-request-id` (for tracing across the hop), else make one."""
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else os.urandom(16).hex()  # uuid4's randomness, a tenth of its cost
-
-
-def parse_json(body: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise SidecarError(Cause.BAD_JSON, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise SidecarError(Cause.BAD_JSON, "request body must be a JSON object")
-    return data
 
 
 def _outcome(status: int) -> str:
@@ -99,13 +89,15 @@ class ApiHandler:
             kind = request.get(KIND, "text")
             metrics.request_done(self.route.family, kind, outcome, time.monotonic() - started)
 
-    def _classify(self, data: dict[str, Any], config: Config, spec: ProcessorSpec | None) -> Classification:
+    def _classify(
+        self, data: dict[str, Any], texts: Texts, config: Config, spec: ProcessorSpec | None
+    ) -> Classification:
         if self.extra:
             # Engine extras (vLLM's /tokenize, /pooling, ...) take chat messages, images included.
             if "messages" not in data:
                 return Classification(())
-            return classify("chat", data, config.limits, config.gate, spec)
-        return classify(self.route.kind, data, config.limits, config.gate, spec)
+            return classify("chat", data, config.limits, config.gate, spec, texts=texts, quick=True)
+        return classify(self.route.kind, data, config.limits, config.gate, spec, texts=texts, quick=True)
 
     async def _handle(self, request: web.Request, request_id: str, charge: BodyCharge) -> web.StreamResponse:
         app = request.app
@@ -113,21 +105,26 @@ class ApiHandler:
         raw = await read_body(
             request, charge, config.server.max_body_bytes, config.server.body_timeout_s, _bounds(config)
         )
-        data = parse_json(raw)
-        # The parsed tree lives as long as the request, then the bytes sent upstream: twice the body.
-        charge.take(len(raw))
-        del raw  # what goes upstream is serialized from what was checked, never the client's bytes
+        parsed = await parse_body(raw, config.server.max_parse_bytes, app[HOLLOWER])
+        data, texts = parsed.data, parsed.texts
+        # The parsed tree lives as long as the request, then the bytes sent upstream: up to twice the
+        # body in all (base64 runs left in its buffer go upstream from there; see Parsed).
+        charge.take(parsed.parsed_nbytes)
+        # What goes upstream is serialized from what was checked; only the runs of base64 the walk
+        # read through `texts` go as the client's bytes, which are exactly their characters.
+        del raw
         spec = app.get(SPEC)
-        found = self._classify(data, config, spec)
+        found = self._classify(data, texts, config, spec)
+        await price_deep_headers(found, config.limits, spec, app[HOLLOWER])
         request[KIND] = found.kind
         if found.multimodal:
             charge.mark_image()
         headers = request_headers(request.headers, request_id)
         if REMOTE in app and found.multimodal:
-            await app[REMOTE].inline(found.parts, config.limits, spec, charge)
+            await app[REMOTE].inline(found.parts, config.limits, spec, charge, texts)
         if config.upstream.mode == "offload":
             if not self.extra:
-                return await self._offload(request, request_id, headers, data, found)
+                return await self._offload(request, request_id, headers, parsed, found)
             if found.multimodal:  # only the API routes are preprocessed; an extra path forwards as is
                 raise SidecarError(
                     Cause.BAD_REQUEST,
@@ -135,13 +132,13 @@ class ApiHandler:
                     param=found.parts[0].path,
                 )
         if not found.multimodal:
-            fwd = Forward(request.method, request.raw_path, headers, orjson.dumps(data), self.route.family, request_id)
+            fwd = Forward(request.method, request.raw_path, headers, texts.encode(data), self.route.family, request_id)
             return await app[UPSTREAM].forward(request, fwd)
 
         assemble: Kind | None = None
         if not self.extra and config.upstream.stream_upgrade and can_upgrade(self.route.kind, data):
             data, assemble = upgrade_request(self.route.kind, data), self.route.kind
-        body = orjson.dumps(data)
+        body = texts.encode(data)
         lease = await self._admit(app, found.cost)
         with lease:
             fwd = Forward(
@@ -162,11 +159,12 @@ class ApiHandler:
         request: web.Request,
         request_id: str,
         headers: CIMultiDict[str],
-        data: dict[str, Any],
+        parsed: Parsed,
         found: Classification,
     ) -> web.StreamResponse:
         """Offload mode: preprocess here, send tensor descriptors, release at the engine's headers."""
         app = request.app
+        data, texts = parsed.data, parsed.texts
         if not app[STATE].engine_verified:
             raise SidecarError(
                 Cause.UPSTREAM_UNAVAILABLE, "the engine has not been verified to share this /dev/shm yet; retry"
@@ -174,7 +172,7 @@ class ApiHandler:
         if not found.multimodal:
             chat, transform = to_chat(self.route, data, found)
             fwd = Forward(
-                "POST", CHAT_PATH, headers, orjson.dumps(chat), self.route.family, request_id, transform=transform
+                "POST", CHAT_PATH, headers, texts.encode(chat), self.route.family, request_id, transform=transform
             )
             return await app[UPSTREAM].forward(request, fwd)
         check_offloadable(found)
@@ -191,7 +189,7 @@ class ApiHandler:
                 "POST",
                 CHAT_PATH,
                 headers,
-                orjson.dumps(chat),
+                texts.encode(chat),
                 self.route.family,
                 request_id,
                 lease,

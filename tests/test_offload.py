@@ -21,9 +21,11 @@ from preprocess.processors import decode, load_processor, run_processor
 from preprocess.protocol import ArenaReader, DescriptorError, TensorDescriptor, shm_token
 from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, STATE
+from sidecar.hollow import HOLLOW_MIN_BODY
 from sidecar.sse import SSEParser
 
 from .conftest import assert_invariant, image_bytes, make_config
+from .test_hollow import noise_png
 
 Behaviour = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse | None]]
 
@@ -142,6 +144,28 @@ async def test_tensors_reach_the_engine_bit_identical_and_everything_is_freed(of
     assert [p["type"] for p in parts] == ["text", "image_tensors", "image_tensors"]
     assert set(parts[1]["tensors"]) == {"pixel_values", "image_grid_thw"}
     assert_all_free(client)
+
+
+async def test_an_image_left_in_the_body_buffer_is_staged_and_preprocessed_bit_identical(offload: Any) -> None:
+    # A noise PNG whose base64 (~1.9 MiB) makes the body one that is parsed hollow: the worker's input
+    # is copied into the extent from the request's buffer, piece by piece, in both request shapes.
+    png = noise_png(800, 600)
+    b64 = base64.b64encode(png).decode()
+    client, engine = await offload()
+    chat = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}}
+    anthropic = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}
+    for path, part in (("/v1/chat/completions", chat), ("/v1/messages", anthropic)):
+        body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [part]}]}
+        assert len(orjson.dumps(body)) > HOLLOW_MIN_BODY
+        resp = await client.post(path, json=body)
+        assert resp.status == 200, await resp.text()
+    want = run_processor(load_processor("qwen2-vl"), decode(png))
+    assert len(engine.received) == 2
+    for got in engine.received:
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name])
+    await wait_all_free(client)
 
 
 async def test_engine_rejecting_a_descriptor_frees_the_extent_once(offload: Any) -> None:

@@ -12,6 +12,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -702,13 +703,22 @@ def test_a_frame_header_behind_19_mib_of_app_segments_is_refused_without_decodin
         return real(chunk, strict_mode=strict_mode)
 
     monkeypatch.setattr(sources.binascii, "a2b_base64", counting)
+    probes: list[int] = []
+    real_probe = sources.probe
+
+    def counting_probe(buf: bytes, **kwargs: Any) -> Any:
+        probes.append(len(buf))
+        return real_probe(buf, **kwargs)
+
+    monkeypatch.setattr(sources, "probe", counting_probe)
     message = f"no image header in the first {DEFAULT_MAX_HEADER_BYTES} bytes (limits.max_header_bytes)"
     with pytest.raises(SourceError) as info:
         header_prefix(text)
     assert str(info.value) == message
     # What was decoded on the way: one byte past the limit's worth of base64, not 26 MB of it.
     assert sum(decoded) == 4 * (DEFAULT_MAX_HEADER_BYTES // 3 + 1) and len(text) > 25_000_000
-    assert len(decoded) <= 3  # rounds, each probing the prefix again: 3 KiB, 48 KiB, the limit
+    assert len(probes) <= 3  # rounds, each probing the prefix again: 3 KiB, 48 KiB, the limit
+    assert max(decoded) <= 1 << 16  # decoded in pieces: a thread probing it hands the GIL back between them
     with pytest.raises(ProbeError) as probe_info:
         probe(data)  # a caller with the whole payload (a fetched URL) gets the same answer
     assert str(probe_info.value) == message
