@@ -34,7 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import common as c
+from . import services
+from .client import Outcome, chat_body, post
+from .common import GiB, MiB
+from .cpu import CpuLoad, Placement, nproc
+from .images import data_url, photo_jpeg
+from .memory import MemorySample, MemorySampler
+from .report import append_results, base_parser, command_line, plot_path, save_plot
+from .stats import markdown_table, ms, pct_change, percentile, size, verdict
 
 ALL_ROWS = (
     "engine,passthrough:1,passthrough:2,passthrough:4,passthrough:8,offload:1,offload:2,offload:4,offload:8,"
@@ -78,18 +85,18 @@ class Row:
 @dataclass
 class Result:
     row: Row
-    outcomes: list[c.Outcome]
+    outcomes: list[Outcome]
     wall_s: float
     idle_pss: int
     peak_rss: int
     peak_pss: int
-    series: list[c.MemorySample]
+    series: list[MemorySample]
     interval_s: float
     estimate_error: int
     other_cpu: float = 0.0  # share of the machine's CPU time used by processes not ours during the row
 
     @property
-    def ok(self) -> list[c.Outcome]:
+    def ok(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == 200]
 
     @property
@@ -132,14 +139,14 @@ def sidecar_config(
     return config
 
 
-async def burst(url: str, bodies: Sequence[bytes], timeout_s: float) -> tuple[list[c.Outcome], float]:
+async def burst(url: str, bodies: Sequence[bytes], timeout_s: float) -> tuple[list[Outcome], float]:
     import aiohttp  # noqa: PLC0415
 
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         started = time.monotonic()
-        outcomes = await asyncio.gather(*(c.post(session, url + "/v1/chat/completions", b) for b in bodies))
+        outcomes = await asyncio.gather(*(post(session, url + "/v1/chat/completions", b) for b in bodies))
         ended = time.monotonic()
     return list(outcomes), ended - started
 
@@ -154,18 +161,18 @@ def start_row(
     arena_per_slot: int,
     workers: int,
     timeout_s: float,
-    placement: c.Placement | None = None,
+    placement: Placement | None = None,
     rgb_per_image: int = 0,
-) -> tuple[c.Service, c.Service | None]:
+) -> tuple[services.Service, services.Service | None]:
     """A fresh engine, and the row's sidecar in front of it (both starting at once), ready; stopped by `stack`.
 
     `placement` pins the engine and the sidecar to CPU sets of their own (default: every CPU for all)."""
     eng_cpus, side_cpus = (placement.engine, placement.sidecar) if placement else (None, None)
-    eng = stack.enter_context(c.engine(model, logs, wait=row.mode == "engine", cpus=eng_cpus))
+    eng = stack.enter_context(services.engine(model, logs, wait=row.mode == "engine", cpus=eng_cpus))
     if row.mode == "engine":
         return eng, None
     assert row.gate is not None
-    arena = int(row.gate * arena_per_slot * 1.01) + c.MiB
+    arena = int(row.gate * arena_per_slot * 1.01) + MiB
     config = sidecar_config(
         row,
         eng.url,
@@ -176,8 +183,8 @@ def start_row(
         timeout_s=timeout_s,
         rgb_per_image=rgb_per_image,
     )
-    side = stack.enter_context(c.sidecar(config, logs, cpus=side_cpus))
-    c.wait_http(eng, "/health", 180)
+    side = stack.enter_context(services.sidecar(config, logs, cpus=side_cpus))
+    services.wait_http(eng, "/health", 180)
     return eng, side
 
 
@@ -208,8 +215,8 @@ def run_row(
         pids = [eng.pid] if side is None else [eng.pid, side.pid]
         target = eng.url if side is None else side.url
         time.sleep(1.0)  # let start-up settle (lazy imports, the arena's pre-touch) before the baseline
-        idle = c.MemorySampler(pids).sample()
-        with c.MemorySampler(pids, interval_s) as mem:
+        idle = MemorySampler(pids).sample()
+        with MemorySampler(pids, interval_s) as mem:
             outcomes, wall = asyncio.run(burst(target, bodies, timeout_s))
         failed = [o for o in outcomes if o.status != 200]
         if failed:
@@ -252,19 +259,19 @@ def table(results: Sequence[Result]) -> str:
                 r.row.label,
                 r.row.gate_label,
                 f"{r.throughput:.3f}",
-                c.pct_change(r.throughput, base.throughput) if base else "-",
-                c.size(r.peak_rss),
-                c.size(r.peak_pss),
+                pct_change(r.throughput, base.throughput) if base else "-",
+                size(r.peak_rss),
+                size(r.peak_pss),
                 f"{100 * (1 - r.peak_rss / base.peak_rss):.1f}%" if base else "-",
                 f"{100 * (1 - r.peak_pss / base.peak_pss):.1f}%" if base else "-",
-                c.size(r.idle_pss),
+                size(r.idle_pss),
                 f"{len(r.ok)}/{len(r.outcomes)}",
-                c.ms(c.percentile(lat, 50)),
-                c.ms(c.percentile(lat, 99)),
+                ms(percentile(lat, 50)),
+                ms(percentile(lat, 99)),
                 f"{100 * r.other_cpu:.0f}%",
             ]
         )
-    return c.markdown_table(headers, rows)
+    return markdown_table(headers, rows)
 
 
 def targets(results: Sequence[Result]) -> list[str]:
@@ -281,14 +288,14 @@ def targets(results: Sequence[Result]) -> list[str]:
     share, speed = best.peak_pss / base.peak_pss, best.throughput / base.throughput
     lines = [
         f"target: offload at its best setting peaks <= 25% of engine-alone PSS with throughput >= 1.0x: "
-        f"{c.verdict(bool(passing))} (best: gate={best.row.gate_label}, {100 * share:.0f}% of the PSS at {speed:.2f}x)"
+        f"{verdict(bool(passing))} (best: gate={best.row.gate_label}, {100 * share:.0f}% of the PSS at {speed:.2f}x)"
     ]
     fixed = best.idle_pss / base.peak_pss
     lines.append(
         "the offload row's memory at idle (engine ranks + sidecar + its workers + the pre-touched arena) "
         f"is already {100 * fixed:.0f}% of the engine-alone peak: the burst itself adds "
-        f"{c.size(max(0, best.peak_pss - best.idle_pss))} over it, against "
-        f"{c.size(max(0, base.peak_pss - base.idle_pss))} for the engine alone"
+        f"{size(max(0, best.peak_pss - best.idle_pss))} over it, against "
+        f"{size(max(0, base.peak_pss - base.idle_pss))} for the engine alone"
     )
     return lines
 
@@ -307,7 +314,7 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
             label = r.row.label + ("" if r.row.gate is None else f" gate={r.row.gate_label}")
             style = "-" if r.row.mode == "offload" else "--" if r.row.mode == "passthrough" else ":"
             left.plot(
-                [s.t for s in r.series], [s.pss / c.GiB for s in r.series], style, label=label, color=_color(plt, r.row)
+                [s.t for s in r.series], [s.pss / GiB for s in r.series], style, label=label, color=_color(plt, r.row)
             )
         left.set_xlabel("seconds since the burst began")
         left.set_ylabel("PSS of engine + sidecar trees (GiB)")
@@ -317,7 +324,7 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
             ("engine" if r.row.gate is None else f"{r.row.mode[:4]} {r.row.gate}{'b' if r.row.by_bytes else ''}")
             for r in results
         ]
-        bars = right.bar(names, [r.peak_pss / c.GiB for r in results], color=[_color(plt, r.row) for r in results])
+        bars = right.bar(names, [r.peak_pss / GiB for r in results], color=[_color(plt, r.row) for r in results])
         for bar, r in zip(bars, results, strict=True):
             right.annotate(
                 f"{r.throughput:.2f}/s",
@@ -330,17 +337,17 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
         right.set_title("peak PSS per variant (label: throughput req/s)")
         right.tick_params(axis="x", labelrotation=45, labelsize=7)
 
-    return c.save_plot(path, draw, enabled=enabled)
+    return save_plot(path, draw, enabled=enabled)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = c.base_parser(__doc__)
+    parser = base_parser(__doc__)
     parser.add_argument("--requests", type=int, default=96, help="concurrent image requests per row (default 96)")
     parser.add_argument("--size", default="1920x1080", help="image size WxH (default 1920x1080)")
     parser.add_argument("--rows", default=ALL_ROWS, help=f"comma list (default {ALL_ROWS})")
     parser.add_argument("--images", type=int, default=8, help="distinct JPEGs, reused round robin (default 8)")
-    parser.add_argument("--workers", type=int, default=c.nproc(), help="offload preprocessing workers (default nproc)")
+    parser.add_argument("--workers", type=int, default=nproc(), help="offload preprocessing workers (default nproc)")
     parser.add_argument("--interval-ms", type=float, default=50.0, help="memory sampling interval (default 50)")
     parser.add_argument("--row-timeout-s", type=float, default=900.0, help="longest burst per row (default 900)")
     parser.add_argument(
@@ -356,19 +363,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [Row.parse(t) for t in args.rows.split(",") if t.strip()]
     width, height = parse_size(args.size)
 
-    from preprocess.arena import reservation_size  # noqa: PLC0415
     from preprocess.cost import output_nbytes, output_shapes  # noqa: PLC0415
+    from preprocess.extents import reservation_size  # noqa: PLC0415
     from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
 
-    model = c.ensure_model(args.model)
+    model = services.ensure_model(args.model)
     spec = read_spec(resolve_processor(str(model)))
     per_image = output_nbytes(spec, width, height)
     shapes = output_shapes(spec, width, height)
-    predicted = args.requests * per_image * 2 + 2 * c.GiB  # rank 0 + rank 1 copies, plus the processes
+    predicted = args.requests * per_image * 2 + 2 * GiB  # rank 0 + rank 1 copies, plus the processes
     available = _mem_available()
     print(
-        f"{args.requests} x {width}x{height}: pixel_values {shapes['pixel_values'][0]} = {c.size(per_image)} per "
-        f"image; engine-alone peak predicted ~{c.size(predicted)} (MemAvailable {c.size(available)})"
+        f"{args.requests} x {width}x{height}: pixel_values {shapes['pixel_values'][0]} = {size(per_image)} per "
+        f"image; engine-alone peak predicted ~{size(predicted)} (MemAvailable {size(available)})"
     )
     if any(r.mode == "engine" for r in rows) and predicted > args.max_memory_share * available:
         print(
@@ -377,14 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    jpegs = [c.photo_jpeg(width, height, seed=i) for i in range(args.images)]
-    bodies = [c.chat_body(image_url=c.data_url(jpegs[i % len(jpegs)])) for i in range(args.requests)]
+    jpegs = [photo_jpeg(width, height, seed=i) for i in range(args.images)]
+    bodies = [chat_body(image_url=data_url(jpegs[i % len(jpegs)])) for i in range(args.requests)]
 
     results: list[Result] = []
-    with c.log_directory(args.keep_logs) as logs, c.CpuLoad() as load:
+    with services.log_directory(args.keep_logs) as logs, CpuLoad() as load:
         for row in rows:
             print(f"[{row.label} gate={row.gate_label}] {args.requests} requests...", flush=True)
-            with c.CpuLoad() as row_load:
+            with CpuLoad() as row_load:
                 result = run_row(
                     row,
                     model=model,
@@ -398,40 +405,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             result.other_cpu = row_load.foreign_share
             print(
-                f"  {result.throughput:.3f} req/s, peak PSS {c.size(result.peak_pss)}, RSS {c.size(result.peak_rss)}, "
+                f"  {result.throughput:.3f} req/s, peak PSS {size(result.peak_pss)}, RSS {size(result.peak_rss)}, "
                 f"{len(result.ok)}/{len(result.outcomes)} ok",
                 flush=True,
             )
             results.append(result)
-    c.check_no_leftovers()
+    services.check_no_leftovers()
 
     text = table(results)
     notes = targets(results)
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(results, c.plot_path(args.out, "gate_table", argv), not args.no_plot)
+    png = plot(results, plot_path(args.out, "gate_table", argv), not args.no_plot)
     mean_interval = sum(r.interval_s for r in results) / len(results)
     settings = [
         f"workload: {args.requests} concurrent requests per row, each one {width}x{height} JPEG "
         f"(~{sum(map(len, jpegs)) // len(jpegs) // 1024} KiB, {args.images} distinct, base64 data URL) + a short "
         "text, max_tokens=1, non-streaming; a fresh engine (and sidecar) per row",
         f"processor: the model's preprocessor_config.json (= qwen2-vl preset, max_pixels {spec.max_pixels}, so no "
-        f"downscale): pixel_values {list(shapes['pixel_values'][0])} float32 = {c.size(per_image)} per image",
+        f"downscale): pixel_values {list(shapes['pixel_values'][0])} float32 = {size(per_image)} per image",
         "engine: reference engine, 2 TP ranks (gloo, CPU), tiny random-weight Qwen2-VL; children run with "
         "OMP_NUM_THREADS=1",
         f"sidecar: passthrough gate.max_bytes default (priced as decoded RGB); offload {args.workers} workers, "
-        f"arena = gate x {c.size(reservation_size(per_image))} (+1%); max_queue = N+8, no 429s by design; "
+        f"arena = gate x {size(reservation_size(per_image))} (+1%); max_queue = N+8, no 429s by design; "
         f"'bytes of G' rows: gate.max_concurrent = N and the bound is gate.max_bytes = G images' bytes "
-        f"(passthrough: G x {c.size(width * height * 3)} of decoded RGB; offload: the arena, as above)",
+        f"(passthrough: G x {size(width * height * 3)} of decoded RGB; offload: the arena, as above)",
         f"memory: RSS and PSS summed over every process of the engine tree + the sidecar tree, sampled every "
         f"{args.interval_ms:.0f} ms (achieved {mean_interval * 1000:.0f} ms on average): RSS from the kernel's "
         "counters (/proc/<pid>/status), PSS from them with each process's sharing discount read from smaps_rollup "
-        "every 0.25 s or less often (at most ~10% of a core) and the arena counted once (bench/common.py); largest "
-        f"gap seen between that PSS and an exact reading: {c.size(max(r.estimate_error for r in results))}",
+        "every 0.25 s or less often (at most ~10% of a core) and the arena counted once (bench/memory.py); largest "
+        f"gap seen between that PSS and an exact reading: {size(max(r.estimate_error for r in results))}",
     ]
-    c.append_results(
+    append_results(
         args.out,
         title="gate_table",
-        command=c.command_line("gate_table", argv),
+        command=command_line("gate_table", argv),
         load=load,
         settings=settings,
         table=text,

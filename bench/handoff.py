@@ -41,7 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from . import common as c
+from . import services
+from .cpu import CpuLoad
+from .report import append_results, base_parser, command_line, plot_path, save_plot
+from .stats import markdown_table, ms, percentile, verdict
 
 ROW = 1176  # Qwen2-VL pixel_values row: 3 channels x 2 frames x 14 x 14 floats
 # pixel_values rows for ~1 MB, 23 MB (1080p at the default max_pixels) and 50.6 MB (1080p at 12.8 MP)
@@ -193,10 +196,11 @@ def memcpy_times(nbytes: int, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def run(sizes: Sequence[str], repeats: int, warmup: int, shm_dir: str, thp: bool) -> tuple[list[SizeResult], Fixed]:
-    from preprocess.arena import Arena, pack_tensors, reservation_size, segment_name  # noqa: PLC0415
+    from preprocess.arena import Arena, segment_name  # noqa: PLC0415
+    from preprocess.extents import pack_tensors, reservation_size  # noqa: PLC0415
 
     ctx = multiprocessing.get_context("spawn")
-    port = c.free_port()
+    port = services.free_port()
     parent, child = ctx.Pipe(duplex=True)
     leader, follower = ctx.Pipe(duplex=True)  # the engine's command link, as engine.launch makes it
     procs = [
@@ -287,7 +291,7 @@ def run(sizes: Sequence[str], repeats: int, warmup: int, shm_dir: str, thp: bool
                     arena_s,
                     arena_alone_s,
                     pickle_s,
-                    c.percentile(fixed.total_s[warmup:], 50),
+                    percentile(fixed.total_s[warmup:], 50),
                     copy_s[warmup:],
                     copy_fresh_s[warmup:],
                     warm[warmup:],
@@ -295,7 +299,7 @@ def run(sizes: Sequence[str], repeats: int, warmup: int, shm_dir: str, thp: bool
                 )
             )
             print(
-                f"  {label} MB: arena {c.ms(c.percentile(arena_s, 50))}, pickle {c.ms(c.percentile(pickle_s, 50))}",
+                f"  {label} MB: arena {ms(percentile(arena_s, 50))}, pickle {ms(percentile(pickle_s, 50))}",
                 flush=True,
             )
         parent.send(("stats",))
@@ -330,23 +334,23 @@ def table(results: Sequence[SizeResult], fixed: Fixed) -> tuple[str, list[str]]:
     ]
     rows, speed_ok, alone_ok, copy_ok = [], [], [], []
     for r in results:
-        a, p = c.percentile(r.arena_s, 50), c.percentile(r.pickle_s, 50)
-        alone = c.percentile(r.arena_alone_s, 50)
+        a, p = percentile(r.arena_s, 50), percentile(r.pickle_s, 50)
+        alone = percentile(r.arena_alone_s, 50)
         alone_ok.append(p / alone >= TARGET_SPEEDUP)
-        copy_bw = _gbps(r.nbytes, c.percentile(r.copy_s, 50))
-        fresh_copy_bw = _gbps(r.nbytes, c.percentile(r.copy_fresh_s, 50))
-        warm_bw = _gbps(r.nbytes, c.percentile(r.memcpy_warm_s, 50))
-        fresh_bw = _gbps(r.nbytes, c.percentile(r.memcpy_fresh_s, 50))
+        copy_bw = _gbps(r.nbytes, percentile(r.copy_s, 50))
+        fresh_copy_bw = _gbps(r.nbytes, percentile(r.copy_fresh_s, 50))
+        warm_bw = _gbps(r.nbytes, percentile(r.memcpy_warm_s, 50))
+        fresh_bw = _gbps(r.nbytes, percentile(r.memcpy_fresh_s, 50))
         speed_ok.append(p / a >= TARGET_SPEEDUP)
         copy_ok.append(copy_bw >= TARGET_COPY_SHARE * warm_bw)
         rows.append(
             [
                 r.label,
-                f"{c.ms(a)} ({c.ms(c.percentile(r.arena_s, 90))})",
-                f"{c.ms(p)} ({c.ms(c.percentile(r.pickle_s, 90))})",
+                f"{ms(a)} ({ms(percentile(r.arena_s, 90))})",
+                f"{ms(p)} ({ms(percentile(r.pickle_s, 90))})",
                 f"{p / a:.1f}x",
-                f"{c.ms(alone)} ({p / alone:.1f}x)",
-                c.ms(c.percentile(r.copy_s, 50)),
+                f"{ms(alone)} ({p / alone:.1f}x)",
+                ms(percentile(r.copy_s, 50)),
                 f"{copy_bw:.1f}",
                 f"{fresh_copy_bw:.1f}",
                 f"{warm_bw:.1f}",
@@ -355,25 +359,25 @@ def table(results: Sequence[SizeResult], fixed: Fixed) -> tuple[str, list[str]]:
             ]
         )
     labels = ", ".join(r.label for r in results)
-    total = c.percentile(fixed.total_s, 50)
-    ceilings = ", ".join(f"{r.label} {c.percentile(r.pickle_s, 50) / r.fixed_p50:.1f}x" for r in results)
+    total = percentile(fixed.total_s, 50)
+    ceilings = ", ".join(f"{r.label} {percentile(r.pickle_s, 50) / r.fixed_p50:.1f}x" for r in results)
     notes = [
         f"target: arena handoff >= 10x faster than pickle + broadcast ({labels}): "
-        + ", ".join(f"{r.label} {c.verdict(ok)}" for r, ok in zip(results, speed_ok, strict=True))
+        + ", ".join(f"{r.label} {verdict(ok)}" for r, ok in zip(results, speed_ok, strict=True))
         + "; arena back to back: "
-        + ", ".join(f"{r.label} {c.verdict(ok)}" for r, ok in zip(results, alone_ok, strict=True)),
+        + ", ".join(f"{r.label} {verdict(ok)}" for r, ok in zip(results, alone_ok, strict=True)),
         "the arena column alternates with the pickle column, one handoff of each per repeat, so every arena "
         "handoff follows a pickle handoff whose tens of MB allocated, written and freed in every process slow it "
         "down; 'back to back' runs the same arena handoffs again with none in between",
         f"target: the engine's copy >= 50% of memcpy bandwidth (warm destination) ({labels}): "
-        + ", ".join(f"{r.label} {c.verdict(ok)}" for r, ok in zip(results, copy_ok, strict=True)),
+        + ", ".join(f"{r.label} {verdict(ok)}" for r, ok in zip(results, copy_ok, strict=True)),
         f"fixed cost of the arena handoff (a Copy with no tensors, send -> ack; ranks "
         f"{'with' if results[0].label.endswith('THP') else 'without'} THP_MEM_ALLOC_ENABLE): "
-        f"p50 {c.ms(total)} "
-        f"(p90 {c.ms(c.percentile(fixed.total_s, 90))}); its parts, p50: sending the command to rank 1 "
-        f"{c.ms(c.percentile(fixed.command_s, 50))}, then in rank 0 the empty Copy until rank 1 has received "
-        f"it, run it and reported, and the verdict is sent {c.ms(c.percentile(fixed.agree_s, 50))}; a round "
-        f"trip on the caller's pipe {c.ms(c.percentile(fixed.pipe_s, 50))}; the rest is Python on both sides "
+        f"p50 {ms(total)} "
+        f"(p90 {ms(percentile(fixed.total_s, 90))}); its parts, p50: sending the command to rank 1 "
+        f"{ms(percentile(fixed.command_s, 50))}, then in rank 0 the empty Copy until rank 1 has received "
+        f"it, run it and reported, and the verdict is sent {ms(percentile(fixed.agree_s, 50))}; a round "
+        f"trip on the caller's pipe {ms(percentile(fixed.pipe_s, 50))}; the rest is Python on both sides "
         "of that pipe (pickling the message, parsing descriptors)",
         f"the fixed cost alone caps the speedup at pickle p50 / fixed p50 (each run's own): {ceilings}",
         "engine copy: ArenaReader.copy_out into a buffer of the rank's staging pool, as engine.ranks.Rank does "
@@ -381,16 +385,16 @@ def table(results: Sequence[SizeResult], fixed: Fixed) -> tuple[str, list[str]]:
         "the engine's path before the pool, which pays a page fault per page written ('memcpy fresh dst' shows the "
         "same for plain numpy)",
     ]
-    return c.markdown_table(headers, rows), notes
+    return markdown_table(headers, rows), notes
 
 
 def plot(results: Sequence[SizeResult], path: Path, enabled: bool) -> Path | None:
     def draw(plt: Any) -> None:
         _fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
         x = np.arange(len(results))
-        left.bar(x - 0.27, [c.percentile(r.arena_s, 50) * 1000 for r in results], 0.27, label="arena -> ack")
-        left.bar(x, [c.percentile(r.arena_alone_s, 50) * 1000 for r in results], 0.27, label="arena, back to back")
-        left.bar(x + 0.27, [c.percentile(r.pickle_s, 50) * 1000 for r in results], 0.27, label="pickle + broadcast")
+        left.bar(x - 0.27, [percentile(r.arena_s, 50) * 1000 for r in results], 0.27, label="arena -> ack")
+        left.bar(x, [percentile(r.arena_alone_s, 50) * 1000 for r in results], 0.27, label="arena, back to back")
+        left.bar(x + 0.27, [percentile(r.pickle_s, 50) * 1000 for r in results], 0.27, label="pickle + broadcast")
         left.set_xticks(x, [r.label.replace(", ", "\n") for r in results], fontsize=8)
         left.set_yscale("log")
         left.set_ylabel("ms to ack, 2 ranks (p50, log)")
@@ -408,7 +412,7 @@ def plot(results: Sequence[SizeResult], path: Path, enabled: bool) -> Path | Non
             for n, (key, label) in enumerate(metrics):
                 right.plot(
                     [r.nbytes / 1e6 for r in group],
-                    [_gbps(r.nbytes, c.percentile(getattr(r, key), 50)) for r in group],
+                    [_gbps(r.nbytes, percentile(getattr(r, key), 50)) for r in group],
                     style,
                     color=f"C{n}",
                     label=label + (" (THP)" if variant else ""),
@@ -418,7 +422,7 @@ def plot(results: Sequence[SizeResult], path: Path, enabled: bool) -> Path | Non
         right.set_ylabel("GB/s (p50)")
         right.legend(fontsize=7)
 
-    return c.save_plot(path, draw, enabled=enabled)
+    return save_plot(path, draw, enabled=enabled)
 
 
 def _thp_mode() -> str:
@@ -431,7 +435,7 @@ def _thp_mode() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = c.base_parser(__doc__)
+    parser = base_parser(__doc__)
     parser.add_argument("--sizes", default="1,23,50", help="comma list of 1, 23, 50 (MB of pixel_values)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
@@ -447,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [s for s in sizes if s not in SIZES_MB]
     if unknown:
         parser.error(f"--sizes: unknown {unknown}; choose from {list(SIZES_MB)}")
-    with c.CpuLoad() as load:
+    with CpuLoad() as load:
         results: list[SizeResult] = []
         fixed: Fixed | None = None
         for thp in {"off": [False], "on": [True], "both": [False, True]}[args.thp]:
@@ -455,11 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             got, parts = run(sizes, args.repeats, args.warmup, args.shm_dir, thp)
             results += got
             fixed = fixed or parts  # the first run's: without THP when there are both
-    c.check_no_leftovers()
+    services.check_no_leftovers()
     assert fixed is not None
     text, notes = table(results, fixed)
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(results, c.plot_path(args.out, "handoff", argv), not args.no_plot)
+    png = plot(results, plot_path(args.out, "handoff", argv), not args.no_plot)
     settings = [
         f"{args.repeats} timed repeats per size after {args.warmup} warm-up; 2 ranks (spawned, gloo, 1 torch thread "
         "each) running engine.ranks.Rank; the caller talks to rank 0 over a multiprocessing Pipe",
@@ -467,10 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run with THP_MEM_ALLOC_ENABLE=1 (torch's CPU allocator madvises huge pages; THP mode here: "
         f"{_thp_mode()})",
     ]
-    c.append_results(
+    append_results(
         args.out,
         title="handoff",
-        command=c.command_line("handoff", argv),
+        command=command_line("handoff", argv),
         load=load,
         settings=settings,
         table=text,

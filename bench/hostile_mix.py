@@ -49,14 +49,19 @@ from typing import Any
 
 import orjson
 
-from . import common as c
+from . import services
+from .client import Outcome, chat_body, post
+from .common import MiB
+from .cpu import CpuLoad, Placement
+from .images import data_url, photo_jpeg
+from .report import append_results, base_parser, command_line, plot_path, save_plot
+from .stats import markdown_table, ms, percentile, verdict
 from .text_isolation import CPU_WAIT_METRIC, LAG_METRIC, histogram_buckets, lag_quantile_bound, lag_share_above
 
 TARGET_LAG_P99_S = 0.005
 KINDS = "abcde"
 _CHAT = "/v1/chat/completions"
 _PREFIX = b'{"model":"tiny","max_tokens":1,"stream":false,"messages":[{"role":"user","content":'
-MiB = c.MiB
 
 
 # -- hostile bodies ----------------------------------------------------------------------------------
@@ -88,7 +93,7 @@ def many_images(count: int) -> bytes:
 
 def jpeg_behind_app_segments(app_bytes: int) -> bytes:
     """A valid 64x48 JPEG with ~`app_bytes` of APP1 segments between its SOI and its frame header."""
-    jpeg = c.photo_jpeg(64, 48)
+    jpeg = photo_jpeg(64, 48)
     payload = 65533  # a segment's length field counts itself: at most 65535
     full, rest = divmod(app_bytes, payload)
     segments = (b"\xff\xe1" + struct.pack(">H", payload + 2) + b"\0" * payload) * full
@@ -98,7 +103,7 @@ def jpeg_behind_app_segments(app_bytes: int) -> bytes:
 
 
 def image_body(jpeg: bytes) -> bytes:
-    part = {"type": "image_url", "image_url": {"url": c.data_url(jpeg)}}
+    part = {"type": "image_url", "image_url": {"url": data_url(jpeg)}}
     return _PREFIX + orjson.dumps([part, {"type": "text", "text": "describe"}]) + b"}]}"
 
 
@@ -139,7 +144,7 @@ def hostile_bodies(kinds: str, scale: float) -> list[Body]:
 # -- the hostile client (a process of its own) --------------------------------------------------------
 
 
-def _answer(outcome: c.Outcome) -> str:
+def _answer(outcome: Outcome) -> str:
     if outcome.status:
         return str(outcome.status)
     return "no answer (" + (outcome.error.split(":", 1)[0] or "?") + ")"
@@ -158,7 +163,7 @@ async def _send_hostile(
             if time.monotonic() >= deadline:
                 return
             body = bodies[(i + offset) % len(bodies)]
-            answers[body.label][_answer(await c.post(session, url + _CHAT, body.data))] += 1
+            answers[body.label][_answer(await post(session, url + _CHAT, body.data))] += 1
 
     if not bodies:
         return answers
@@ -282,7 +287,7 @@ def serve_upstream(port: int) -> None:
 @dataclass
 class Result:
     variant: str
-    text: list[c.Outcome]
+    text: list[Outcome]
     wall_s: float
     lag: dict[float, float]
     cpu_wait: dict[float, float]
@@ -320,23 +325,23 @@ async def _text_phase(
     *,
     go: Callable[[], None],
     snapshot: Callable[[], tuple[int, int]],
-) -> tuple[list[c.Outcome], float, dict[float, float], dict[float, float], tuple[int, int]]:
+) -> tuple[list[Outcome], float, dict[float, float], dict[float, float], tuple[int, int]]:
     import aiohttp  # noqa: PLC0415
 
-    body = c.chat_body(text="Say hello.")
+    body = chat_body(text="Say hello.")
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         for _ in range(3):  # warm the connection pool and the sidecar's first-request paths
-            await c.post(session, url + _CHAT, body)
+            await post(session, url + _CHAT, body)
         lag0, wait0 = await _scrape(session, url + "/metrics")
         go()
         snap0 = snapshot()
         started = time.monotonic()
-        tasks: list[asyncio.Task[c.Outcome]] = []
+        tasks: list[asyncio.Task[Outcome]] = []
         for i in range(int(seconds / interval_s) + 1):  # bounded in count and by the clock
             if time.monotonic() - started >= seconds:
                 break
-            tasks.append(asyncio.create_task(c.post(session, url + _CHAT, body)))
+            tasks.append(asyncio.create_task(post(session, url + _CHAT, body)))
             await asyncio.sleep(max(0.0, started + (i + 1) * interval_s - time.monotonic()))
         wall = time.monotonic() - started
         snap1 = snapshot()
@@ -349,10 +354,10 @@ async def _text_phase(
     return outcomes, wall, diff(lag1, lag0), diff(wait1, wait0), (snap1[0] - snap0[0], snap1[1] - snap0[1])
 
 
-def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: c.Placement | None) -> Result:
+def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: Placement | None) -> Result:
     config = {"upstream": {"url": upstream, "mode": "passthrough"}}
     kinds = "" if variant == "alone" else KINDS if variant == "mix" else variant
-    with c.sidecar(config, logs, cpus=None if placement is None else placement.sidecar) as side:
+    with services.sidecar(config, logs, cpus=None if placement is None else placement.sidecar) as side:
         port = int(side.url.rsplit(":", 1)[1])
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
@@ -410,7 +415,7 @@ def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: c
 def _bound(le: float) -> str:
     if math.isnan(le):  # no samples
         return "-"
-    return "> 10 s" if le == float("inf") else f"<= {c.ms(le)}"
+    return "> 10 s" if le == float("inf") else f"<= {ms(le)}"
 
 
 def _size(n: int) -> str:
@@ -448,8 +453,8 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
             [
                 r.variant,
                 f"{len(ok)}/{len(r.text)}",
-                c.ms(c.percentile(ok, 50)),
-                c.ms(c.percentile(ok, 99)),
+                ms(percentile(ok, 50)),
+                ms(percentile(ok, 99)),
                 _bound(lag_quantile_bound(r.lag, 0.5)),
                 _bound(lag_quantile_bound(r.lag, 0.99)),
                 _bound(lag_quantile_bound(r.lag, 1.0)),
@@ -465,12 +470,12 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
             answer_rows.append([r.variant, label, _size(r.sizes.get(label, 0)), _counts(counts)])
         if r.slowloris:
             answer_rows.append([r.variant, "e: slowloris header trickles", "-", _counts(r.slowloris)])
-    text = c.markdown_table(headers, rows)
+    text = markdown_table(headers, rows)
     if answer_rows:
         text += "\n\nHow the hostile requests were answered:\n\n"
-        text += c.markdown_table(["variant", "hostile request", "body", "answers"], answer_rows)
+        text += markdown_table(["variant", "hostile request", "body", "answers"], answer_rows)
     notes = [
-        f"target: loop lag p99 <= 5 ms with the hostile mix at the default limits: {c.verdict(lag_p99_met(r))} "
+        f"target: loop lag p99 <= 5 ms with the hostile mix at the default limits: {verdict(lag_p99_met(r))} "
         f"({100 * lag_share_above(r.lag, TARGET_LAG_P99_S):.1f}% of the samples above 5 ms)"
         for r in results
         if r.variant == "mix"
@@ -494,7 +499,7 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
         _fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         names = [r.variant for r in results]
         p99 = [lag_quantile_bound(r.lag, 0.99) * 1000 for r in results]
-        text99 = [c.percentile([o.seconds for o in r.text if o.status == 200], 99) * 1000 for r in results]
+        text99 = [percentile([o.seconds for o in r.text if o.status == 200], 99) * 1000 for r in results]
         left.bar(names, p99)
         left.axhline(TARGET_LAG_P99_S * 1000, color="red", linestyle="--", label="target 5 ms")
         left.set_yscale("log")
@@ -506,12 +511,12 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
         right.set_ylabel("text p99 (ms, log)")
         right.set_title("text requests")
 
-    return c.save_plot(path, draw, enabled=enabled)
+    return save_plot(path, draw, enabled=enabled)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = c.base_parser(__doc__)
+    parser = base_parser(__doc__)
     parser.add_argument("--variants", default="alone,mix,a,b,c,d,e", help="alone, mix, or one kind a-e each")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each variant (default 20)")
     parser.add_argument("--scale", type=float, default=1.0, help="hostile body sizes times this (default 1)")
@@ -531,18 +536,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [v for v in variants if v not in ("alone", "mix", *KINDS)]
     if not variants or bad:
         parser.error(f"--variants: alone, mix, or one of {', '.join(KINDS)}; got {args.variants!r}")
-    placement = c.Placement.split() if args.placement == "split" else None
+    placement = Placement.split() if args.placement == "split" else None
 
     results = []
     with contextlib.ExitStack() as stack:
-        logs = stack.enter_context(c.log_directory(args.keep_logs))
-        load = stack.enter_context(c.CpuLoad())
+        logs = stack.enter_context(services.log_directory(args.keep_logs))
+        load = stack.enter_context(CpuLoad())
         if placement is not None:  # the clients (and the hostile process) share the upstream's CPUs
             everything = os.sched_getaffinity(0)
             os.sched_setaffinity(0, placement.engine)
             stack.callback(os.sched_setaffinity, 0, everything)
         upstream = stack.enter_context(
-            c.python_service(
+            services.python_service(
                 "upstream",
                 ["-m", "bench.hostile_mix", "--upstream-port", "{port}"],
                 logs,
@@ -552,10 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for variant in variants:
             print(f"[{variant}]", flush=True)
             results.append(run_variant(variant, upstream.url, logs, args, placement))
-    c.check_no_leftovers()
+    services.check_no_leftovers()
     text, notes = table(results)
     print("\n" + text + "\n\n" + "\n".join(f"- {n}" for n in notes) + f"\n- load: {load.describe()}")
-    png = plot(results, c.plot_path(args.out, "hostile_mix", argv), not args.no_plot)
+    png = plot(results, plot_path(args.out, "hostile_mix", argv), not args.no_plot)
     settings = [
         f"each variant {args.seconds:g} s on a fresh sidecar (passthrough, default limits: server.max_body_bytes "
         "64 MiB, limits.max_images_per_request 16, limits.max_image_bytes 20 MiB, server.header_timeout_s 10) in "
@@ -565,10 +570,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "from a separate process",
         "placement: " + (placement.describe() if placement is not None else "shared (every process on every CPU)"),
     ]
-    c.append_results(
+    append_results(
         args.out,
         title="hostile_mix",
-        command=c.command_line("hostile_mix", argv),
+        command=command_line("hostile_mix", argv),
         load=load,
         settings=settings,
         table=text,

@@ -38,7 +38,12 @@ from typing import Any
 
 from preprocess.worker import HEAP_SLACK, STAGE_MAX, HeapKeeper
 
-from . import common as c
+from . import services
+from .common import MiB
+from .cpu import CpuLoad, nproc
+from .images import photo_jpeg
+from .report import append_results, base_parser, command_line, plot_path, save_plot
+from .stats import markdown_table, size, verdict
 
 TARGET_RATIO = 0.9
 SIZES = {"1080p": (1920, 1080), "12MP": (4032, 3024)}
@@ -201,8 +206,8 @@ async def _interleaved(
 
     A plain batch runs in a thread while the pipeline's workers wait for tasks, and the other way round.
     """
-    from preprocess.arena import reservation_size  # noqa: PLC0415
     from preprocess.cost import output_nbytes, output_shapes  # noqa: PLC0415
+    from preprocess.extents import reservation_size  # noqa: PLC0415
     from preprocess.pipeline import ImagePipeline  # noqa: PLC0415
     from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
 
@@ -211,9 +216,9 @@ async def _interleaved(
     shapes = {label: output_shapes(spec, *dims[label]) for label in batches}
     # what the sidecar reserves per image (sidecar/classify.py)
     need = {label: reservation_size(output_nbytes(spec, *dims[label])) for label in batches}
-    size = in_flight * max(need.values()) + 4 * c.MiB
+    arena_size = in_flight * max(need.values()) + 4 * MiB
     pipeline = ImagePipeline(
-        processor=preset, workers=workers, task_timeout_s=300, instance=instance, directory="/dev/shm", size=size
+        processor=preset, workers=workers, task_timeout_s=300, instance=instance, directory="/dev/shm", size=arena_size
     )
     out: dict[str, dict[str, list[Round]]] = {}
     await pipeline.start()
@@ -302,11 +307,11 @@ def table(results: Sequence[RowResult], workers: int) -> tuple[str, list[str]]:
                 r.preset,
                 r.size,
                 r.images,
-                c.size(r.out_bytes),
+                size(r.out_bytes),
                 f"{r.pipeline_rate:.2f}",
                 f"{r.plain_rate:.2f}",
                 f"{r.ratio:.2f}x",
-                c.verdict(r.ratio >= TARGET_RATIO),
+                verdict(r.ratio >= TARGET_RATIO),
                 " ".join(f"{x:.2f}" for x in r.round_ratios),
                 f"{r.policy_rate:.2f} ({r.policy_rate / r.plain_rate:.2f}x)",
                 f"{sum(x.trims for x in r.pipeline)} / {sum(x.trims for x in r.policy)} of {timed}",
@@ -317,20 +322,20 @@ def table(results: Sequence[RowResult], workers: int) -> tuple[str, list[str]]:
         )
     met = all(r.ratio >= TARGET_RATIO for r in results)
     notes = [
-        f"target: pipeline >= 0.9x the plain processes on every row: {c.verdict(met)}",
+        f"target: pipeline >= 0.9x the plain processes on every row: {verdict(met)}",
         "busy = time the processes spent decoding (base64 included), running the processor and (workers) writing "
         "the arena, over processes x wall time; the rest of a worker's time is the task's trip (the parent "
         "dispatches a worker's next task when its previous result arrives; the base64 text goes in the task's "
         "extent when it fits there, else through the pipe) and the heap policy after each image",
         "heap policy (preprocess.worker.HeapKeeper): after each image a worker reads its anonymous RSS and "
-        f"runs malloc_trim(0) only when it is more than {HEAP_SLACK // c.MiB} MiB above its level after its last "
+        f"runs malloc_trim(0) only when it is more than {HEAP_SLACK // MiB} MiB above its level after its last "
         "trim (and always after its first image, here in the warm-up); 'plain + heap policy' runs the same "
         "policy in the plain processes, to price it alone; trims are counted over the timed images of all rounds",
         "base64 to workers via: 'extent' where the text fits the extent reserved for the image's outputs (and "
-        f"preprocess.worker.STAGE_MAX = {STAGE_MAX // c.MiB} MiB), copied there by the parent instead of pickled "
+        f"preprocess.worker.STAGE_MAX = {STAGE_MAX // MiB} MiB), copied there by the parent instead of pickled "
         "through the pipe; the plain processes got theirs up front, outside the clock",
     ]
-    return c.markdown_table(headers, rows), notes
+    return markdown_table(headers, rows), notes
 
 
 def plot(results: Sequence[RowResult], path: Path, enabled: bool) -> Path | None:
@@ -346,19 +351,19 @@ def plot(results: Sequence[RowResult], path: Path, enabled: bool) -> Path | None
         ax.set_ylabel("images/s (log)")
         ax.legend()
 
-    return c.save_plot(path, draw, enabled=enabled)
+    return save_plot(path, draw, enabled=enabled)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = c.base_parser(__doc__)
+    parser = base_parser(__doc__)
     parser.add_argument(
         "--presets", default="qwen2-vl,llava-1.5", help="processor presets (default qwen2-vl,llava-1.5)"
     )
     parser.add_argument("--sizes", default="1080p,12MP", help=f"comma list of {', '.join(SIZES)}")
     parser.add_argument("--images-1080p", type=int, default=32, dest="n_1080p")
     parser.add_argument("--images-12mp", type=int, default=8, dest="n_12mp")
-    parser.add_argument("--workers", type=int, default=c.nproc(), help="workers and plain processes (default nproc)")
+    parser.add_argument("--workers", type=int, default=nproc(), help="workers and plain processes (default nproc)")
     parser.add_argument("--rounds", type=int, default=5, help="timed batches per variant, interleaved (default 5)")
     args = parser.parse_args(argv)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
@@ -367,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--sizes: unknown {sorted(unknown)}")
     counts = {"1080p": args.n_1080p, "12MP": args.n_12mp}
     texts = {
-        label: [base64.b64encode(c.photo_jpeg(*SIZES[label], seed=i)).decode("ascii") for i in range(4)]
+        label: [base64.b64encode(photo_jpeg(*SIZES[label], seed=i)).decode("ascii") for i in range(4)]
         for label in labels
     }
     batches = {label: [texts[label][i % 4] for i in range(counts[label])] for label in labels}
@@ -377,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
 
     results: list[RowResult] = []
-    with c.CpuLoad() as load:
+    with CpuLoad() as load:
         for n, preset in enumerate(presets):
             print(f"[{preset}] pipeline, plain processes, plain + heap policy: {args.rounds} rounds...", flush=True)
             runs = run_preset(
@@ -404,10 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"(by round: {' '.join(f'{x:.2f}' for x in r.round_ratios)})",
                     flush=True,
                 )
-    c.check_no_leftovers()
+    services.check_no_leftovers()
     text, notes = table(results, args.workers)
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(results, c.plot_path(args.out, "preprocess_throughput", argv), not args.no_plot)
+    png = plot(results, plot_path(args.out, "preprocess_throughput", argv), not args.no_plot)
     jpeg_kib = {label: sum(len(t) * 3 // 4 for t in texts[label]) // len(texts[label]) // 1024 for label in labels}
     settings = [
         "images: "
@@ -419,10 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workers = plain processes; OMP_NUM_THREADS as inherited; one warm-up task per process first; "
         f"{args.rounds} rounds per variant, interleaved in rotated order; rates from each variant's median round",
     ]
-    c.append_results(
+    append_results(
         args.out,
         title="preprocess_throughput",
-        command=c.command_line("preprocess_throughput", argv),
+        command=command_line("preprocess_throughput", argv),
         load=load,
         settings=settings,
         table=text,

@@ -25,7 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import common as c
+from . import services
+from .client import chat_body, post
+from .cpu import CpuLoad
+from .report import append_results, base_parser, command_line, plot_path, save_plot
+from .stats import markdown_table, ms, pct_change, percentile, verdict
 
 TARGET_ADDED_P50_S = 0.0005
 
@@ -51,7 +55,7 @@ async def measure(
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
         for _ in range(warmup):
-            await c.post(session, url, body)
+            await post(session, url, body)
         per_sender = max(1, requests // concurrency)
         deadline = time.monotonic() + cap_s
         latencies: list[float] = []
@@ -62,7 +66,7 @@ async def measure(
             for _ in range(per_sender):
                 if time.monotonic() > deadline:
                     return
-                outcome = await c.post(session, url, body)
+                outcome = await post(session, url, body)
                 if outcome.status == 200:
                     latencies.append(outcome.seconds)
                 else:
@@ -81,9 +85,9 @@ def table(series: Sequence[Series]) -> tuple[str, list[str]]:
     for conc in sorted({s.concurrency for s in series}):
         group = [s for s in series if s.concurrency == conc]
         direct = next(s for s in group if s.target == "direct")
-        d50, d99 = c.percentile(direct.latencies, 50), c.percentile(direct.latencies, 99)
+        d50, d99 = percentile(direct.latencies, 50), percentile(direct.latencies, 99)
         for s in group:
-            p50, p99 = c.percentile(s.latencies, 50), c.percentile(s.latencies, 99)
+            p50, p99 = percentile(s.latencies, 50), percentile(s.latencies, 99)
             added = s.target != "direct"
             rows.append(
                 [
@@ -91,17 +95,17 @@ def table(series: Sequence[Series]) -> tuple[str, list[str]]:
                     s.target,
                     len(s.latencies),
                     f"{s.rate:.0f}",
-                    c.ms(p50),
-                    c.ms(p99),
-                    c.ms(p50 - d50) if added else "-",
-                    c.ms(p99 - d99) if added else "-",
+                    ms(p50),
+                    ms(p99),
+                    ms(p50 - d50) if added else "-",
+                    ms(p99 - d99) if added else "-",
                     s.errors,
                 ]
             )
             if s.target.startswith("sidecar") and conc == 1:
                 notes.append(
                     f"target: added p50 <= 0.5 ms at c=1 through the sidecar on {s.target.removeprefix('sidecar ')}: "
-                    f"{c.verdict(p50 - d50 <= TARGET_ADDED_P50_S)} ({(p50 - d50) * 1000:.2f} ms)"
+                    f"{verdict(p50 - d50 <= TARGET_ADDED_P50_S)} ({(p50 - d50) * 1000:.2f} ms)"
                 )
     by = {(s.target, s.concurrency): s for s in series}
     for conc in sorted({s.concurrency for s in series}):
@@ -109,7 +113,7 @@ def table(series: Sequence[Series]) -> tuple[str, list[str]]:
         for name in ("sidecar asyncio", "sidecar uvloop"):
             side = by.get((name, conc))
             if bare and side and conc == 1:
-                ours = c.percentile(side.latencies, 50) - c.percentile(bare.latencies, 50)
+                ours = percentile(side.latencies, 50) - percentile(bare.latencies, 50)
                 notes.append(
                     f"c=1: {name} p50 is {ours * 1000:.2f} ms above the bare aiohttp proxy's: the sidecar's own work "
                     "(parse, classify, header filtering, metrics); the rest of its added latency is the second hop"
@@ -120,10 +124,10 @@ def table(series: Sequence[Series]) -> tuple[str, list[str]]:
             winner = "uvloop" if u.rate > a.rate else "asyncio"
             notes.append(
                 f"c={conc}: uvloop {u.rate:.0f} req/s vs asyncio {a.rate:.0f} req/s "
-                f"({c.pct_change(u.rate, a.rate)}), p50 {c.ms(c.percentile(u.latencies, 50))} vs "
-                f"{c.ms(c.percentile(a.latencies, 50))}: {winner} is faster here"
+                f"({pct_change(u.rate, a.rate)}), p50 {ms(percentile(u.latencies, 50))} vs "
+                f"{ms(percentile(a.latencies, 50))}: {winner} is faster here"
             )
-    return c.markdown_table(headers, rows), notes
+    return markdown_table(headers, rows), notes
 
 
 def plot(series: Sequence[Series], path: Path, enabled: bool) -> Path | None:
@@ -142,12 +146,12 @@ def plot(series: Sequence[Series], path: Path, enabled: bool) -> Path | None:
             ax.set_title(f"text requests, concurrency {conc}")
             ax.legend(fontsize=8)
 
-    return c.save_plot(path, draw, enabled=enabled)
+    return save_plot(path, draw, enabled=enabled)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = c.base_parser(__doc__)
+    parser = base_parser(__doc__)
     parser.add_argument("--requests", type=int, default=3000, help="requests per target, concurrency and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--concurrency", default="1,32", help="comma list (default 1,32)")
@@ -159,14 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     loops = [x.strip() for x in args.loops.split(",") if x.strip()]
     if unknown := set(loops) - {"asyncio", "uvloop"}:
         parser.error(f"--loops: unknown {sorted(unknown)}")
-    body = c.chat_body(text="Say hello.")
+    body = chat_body(text="Say hello.")
     series: dict[tuple[str, int], Series] = {}
-    with c.log_directory(args.keep_logs) as logs, c.CpuLoad() as load, contextlib.ExitStack() as stack:
-        echo = stack.enter_context(c.echo_upstream(logs))
-        targets = {"direct": echo.url, "bare aiohttp proxy": stack.enter_context(c.bare_proxy(echo.url, logs)).url}
+    with services.log_directory(args.keep_logs) as logs, CpuLoad() as load, contextlib.ExitStack() as stack:
+        echo = stack.enter_context(services.echo_upstream(logs))
+        bare = stack.enter_context(services.bare_proxy(echo.url, logs))
+        targets = {"direct": echo.url, "bare aiohttp proxy": bare.url}
         for loop in loops:
             config = {"upstream": {"url": echo.url, "mode": "passthrough"}}
-            targets[f"sidecar {loop}"] = stack.enter_context(c.sidecar(config, logs, uvloop=loop == "uvloop")).url
+            side = stack.enter_context(services.sidecar(config, logs, uvloop=loop == "uvloop"))
+            targets[f"sidecar {loop}"] = side.url
         for rnd in range(args.rounds):
             for conc in concs:
                 for name, url in targets.items():
@@ -183,20 +189,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                     )
                     print(f"  round {rnd + 1} c={conc} {name}: {s.rate:.0f} req/s so far", flush=True)
-    c.check_no_leftovers()
+    services.check_no_leftovers()
     text, notes = table(list(series.values()))
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(list(series.values()), c.plot_path(args.out, "proxy_overhead", argv), not args.no_plot)
+    png = plot(list(series.values()), plot_path(args.out, "proxy_overhead", argv), not args.no_plot)
     settings = [
         f"{args.rounds} alternating rounds x {args.requests} requests per target and concurrency (+{args.warmup} "
         "warm-up each); text chat request, non-streaming, max_tokens=1; keep-alive connections",
         "engine: `mm-sidecar echo-upstream --tokens 1` (no model); sidecars: passthrough, default gate (text is never "
         "gated), one on asyncio and one on uvloop; client: aiohttp on asyncio; everything on loopback",
     ]
-    c.append_results(
+    append_results(
         args.out,
         title="proxy_overhead",
-        command=c.command_line("proxy_overhead", argv),
+        command=command_line("proxy_overhead", argv),
         load=load,
         settings=settings,
         table=text,

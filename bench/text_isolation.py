@@ -35,8 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import common as c
+from . import services
+from .client import Outcome, chat_body, post
+from .cpu import CpuLoad, Placement, nproc
 from .gate_table import Row, parse_size, start_row
+from .images import data_url, photo_jpeg
+from .report import append_results, base_parser, command_line, plot_path, save_plot
+from .stats import markdown_table, ms, percentile, verdict
 
 TARGET_LAG_P99_S = 0.005
 
@@ -44,9 +49,9 @@ TARGET_LAG_P99_S = 0.005
 @dataclass
 class Result:
     row: Row
-    quiet: list[c.Outcome]
-    storm_text: list[c.Outcome]
-    images: list[c.Outcome]
+    quiet: list[Outcome]
+    storm_text: list[Outcome]
+    images: list[Outcome]
     storm_s: float
     probes: list[float]  # seconds, successful probes during the storm
     probes_quiet: list[float]
@@ -57,7 +62,7 @@ class Result:
     placement: str
 
     @staticmethod
-    def ok(outcomes: Sequence[c.Outcome]) -> list[float]:
+    def ok(outcomes: Sequence[Outcome]) -> list[float]:
         return [o.seconds for o in outcomes if o.status == 200]
 
 
@@ -126,9 +131,9 @@ async def _run(
     probe_interval_s: float,
     timeout_s: float,
 ) -> tuple[
-    list[c.Outcome],
-    list[c.Outcome],
-    list[c.Outcome],
+    list[Outcome],
+    list[Outcome],
+    list[Outcome],
     float,
     list[float],
     list[float],
@@ -142,8 +147,8 @@ async def _run(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         # quiet: one text request after the other (after a few unmeasured ones), and the probe on its own
         for _ in range(3):
-            await c.post(session, chat, text_body)
-        quiet = [await c.post(session, chat, text_body) for _ in range(quiet_n)]
+            await post(session, chat, text_body)
+        quiet = [await post(session, chat, text_body) for _ in range(quiet_n)]
         probes_quiet: list[float] = []
         stop = asyncio.Event()
         prober = asyncio.create_task(_probe(session, probe_url, probe_interval_s, stop, probes_quiet))
@@ -159,12 +164,12 @@ async def _run(
         stop = asyncio.Event()
         probes: list[float] = []
         prober = asyncio.create_task(_probe(session, probe_url, probe_interval_s, stop, probes))
-        texts: list[asyncio.Task[c.Outcome]] = []
+        texts: list[asyncio.Task[Outcome]] = []
         started = time.monotonic()
-        storm = asyncio.gather(*(c.post(session, chat, b) for b in image_bodies))
+        storm = asyncio.gather(*(post(session, chat, b) for b in image_bodies))
         max_texts = int(timeout_s / text_interval_s) + 1
         while not storm.done() and len(texts) < max_texts:
-            texts.append(asyncio.create_task(c.post(session, chat, text_body)))
+            texts.append(asyncio.create_task(post(session, chat, text_body)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(storm), text_interval_s)
         images = await storm
@@ -192,7 +197,7 @@ def run_row(
     arena_per_slot: int,
     placement: str,
 ) -> Result:
-    pinned = c.Placement.split() if placement == "split" else None
+    pinned = Placement.split() if placement == "split" else None
     with contextlib.ExitStack() as stack:
         eng, side = start_row(
             stack,
@@ -237,7 +242,7 @@ def _share(buckets: dict[float, float]) -> str:
 
 
 def _bound(le: float) -> str:
-    return "> 10 s" if le == float("inf") else f"<= {c.ms(le)}"  # the top bucket bound
+    return "> 10 s" if le == float("inf") else f"<= {ms(le)}"  # the top bucket bound
 
 
 def table(results: Sequence[Result]) -> tuple[str, list[str]]:
@@ -272,10 +277,10 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
                 r.row.label,
                 "off" if r.row.gate is None else r.row.gate,
                 r.placement,
-                c.ms(c.percentile(quiet, 50)),
-                c.ms(c.percentile(quiet, 99)),
-                c.ms(c.percentile(storm, 50)),
-                c.ms(c.percentile(storm, 99)),
+                ms(percentile(quiet, 50)),
+                ms(percentile(quiet, 99)),
+                ms(percentile(storm, 50)),
+                ms(percentile(storm, 99)),
                 f"{len(storm)}/{len(r.storm_text)}",
                 f"{len(Result.ok(r.images))}/{len(r.images)}",
                 f"{r.storm_s:.1f} s",
@@ -284,9 +289,9 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
                 _bound(top) if sidecar else "-",
                 _share(r.cpu_wait) if sidecar else "-",
                 r.probe_path,
-                c.ms(c.percentile(r.probes_quiet, 50)),
-                c.ms(c.percentile(r.probes, 50)),
-                c.ms(c.percentile(r.probes, 99)),
+                ms(percentile(r.probes_quiet, 50)),
+                ms(percentile(r.probes, 50)),
+                ms(percentile(r.probes, 99)),
             ]
         )
         if sidecar:
@@ -294,12 +299,12 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
                 f"target: sidecar event-loop lag p99 <= 5 ms during the storm ({r.row.mode} gate={r.row.gate}, "
                 f"{r.placement} CPUs, "
                 f"mm_sidecar_event_loop_lag_seconds, {r.lag.get(float('inf'), 0):.0f} samples): "
-                f"{c.verdict(share <= 0.01)} ({100 * share:.1f}% of the samples above 5 ms; /healthz round trip "
-                f"p99 {c.ms(c.percentile(r.probes, 99))})"
+                f"{verdict(share <= 0.01)} ({100 * share:.1f}% of the samples above 5 ms; /healthz round trip "
+                f"p99 {ms(percentile(r.probes, 99))})"
             )
             notes.append(
                 f"{r.row.mode} gate={r.row.gate}, {r.placement}: a GET /metrics took "
-                + " and ".join(c.ms(t) for t in r.scrape_s)
+                + " and ".join(ms(t) for t in r.scrape_s)
             )
     notes.append(
         "loop CPU wait: share of the ~100 ms windows in which the loop's thread waited more than 5 ms for a CPU "
@@ -309,7 +314,7 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
         "text requests run on the engine's single model thread after whatever image work is queued there; the gate "
         "bounds that queue to `gate` image requests, the engine alone queues the whole storm ahead of them"
     )
-    return c.markdown_table(headers, rows), notes
+    return markdown_table(headers, rows), notes
 
 
 def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
@@ -331,20 +336,20 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
         right.set_title("event-loop probe during the storm")
         right.legend(fontsize=8)
 
-    return c.save_plot(path, draw, enabled=enabled)
+    return save_plot(path, draw, enabled=enabled)
 
 
 def _with_workers(args: Any, placement: str) -> Any:
     """Workers = the CPUs the sidecar runs on, unless --workers says otherwise."""
     if args.workers is not None:
         return args
-    cpus = len(c.Placement.split().sidecar) if placement == "split" else c.nproc()
+    cpus = len(Placement.split().sidecar) if placement == "split" else nproc()
     return argparse.Namespace(**{**vars(args), "workers": cpus})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = c.base_parser(__doc__)
+    parser = base_parser(__doc__)
     parser.add_argument("--rows", default="engine,passthrough:2,offload:2", help="variants, as in gate_table")
     parser.add_argument("--images", type=int, default=32, help="image requests in the storm (default 32)")
     parser.add_argument("--size", default="1920x1080", help="image size WxH (default 1920x1080)")
@@ -364,17 +369,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--placements: shared and/or split, got {args.placements!r}")
     width, height = parse_size(args.size)
 
-    from preprocess.arena import reservation_size  # noqa: PLC0415
     from preprocess.cost import output_nbytes  # noqa: PLC0415
+    from preprocess.extents import reservation_size  # noqa: PLC0415
     from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
 
-    model = c.ensure_model(args.model)
+    model = services.ensure_model(args.model)
     per_image = output_nbytes(read_spec(resolve_processor(str(model))), width, height)
-    jpegs = [c.photo_jpeg(width, height, seed=i) for i in range(min(8, args.images))]
-    image_bodies = [c.chat_body(image_url=c.data_url(jpegs[i % len(jpegs)])) for i in range(args.images)]
-    text_body = c.chat_body(text="Say hello.")
+    jpegs = [photo_jpeg(width, height, seed=i) for i in range(min(8, args.images))]
+    image_bodies = [chat_body(image_url=data_url(jpegs[i % len(jpegs)])) for i in range(args.images)]
+    text_body = chat_body(text="Say hello.")
     results = []
-    with c.log_directory(args.keep_logs) as logs, c.CpuLoad() as load:
+    with services.log_directory(args.keep_logs) as logs, CpuLoad() as load:
         for placement in placements:
             for row in rows:
                 print(f"[{row.label} gate={row.gate or 'off'}, {placement} CPUs]", flush=True)
@@ -390,10 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         placement=placement,
                     )
                 )
-    c.check_no_leftovers()
+    services.check_no_leftovers()
     text, notes = table(results)
     print("\n" + text + "\n\n" + "\n".join(notes))
-    png = plot(results, c.plot_path(args.out, "text_isolation", argv), not args.no_plot)
+    png = plot(results, plot_path(args.out, "text_isolation", argv), not args.no_plot)
     settings = [
         f"storm: {args.images} concurrent {width}x{height} JPEG requests (max_tokens=1); text: 'Say hello.', "
         f"max_tokens=1, non-streaming, {args.text} one after the other when quiet, one every "
@@ -403,12 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{_with_workers(args, p).workers} ({p})" for p in placements)
         + "; children run with OMP_NUM_THREADS=1; workers run at the default preprocess.worker_nice (10, SCHED_BATCH)",
         "placements: shared = every process on every CPU; split = "
-        + (c.Placement.split().describe() if "split" in placements else "not run"),
+        + (Placement.split().describe() if "split" in placements else "not run"),
     ]
-    c.append_results(
+    append_results(
         args.out,
         title="text_isolation",
-        command=c.command_line("text_isolation", argv),
+        command=command_line("text_isolation", argv),
         load=load,
         settings=settings,
         table=text,

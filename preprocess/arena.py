@@ -1,4 +1,4 @@
-"""The sidecar's shared-memory arena: one segment, its extent allocator, and cleanup of stale segments.
+"""The sidecar's shared-memory arena: one segment, the extents reserved in it, and cleanup of stale segments.
 
 The segment layout, the page generation table and the extent state machine are described in
 `preprocess.protocol`, which readers import; this module is the writer's side.
@@ -16,14 +16,10 @@ Memory is committed at creation: `posix_fallocate` reserves every page (a full t
 with ENOSPC, instead of SIGBUS-ing a worker mid-request), then every page is pre-faulted, because
 the first write into a fresh shm page is ~12x slower than into a mapped one.
 
-Allocation. Extents are runs of whole pages (the table has one entry per page, so two extents must
-never share one). The free list is kept sorted by offset; `reserve` takes the best fit (the smallest
-free run that is large enough, lowest offset on ties) so that small requests do not carve up the long
-runs a 12-megapixel image needs; `free` merges the run with both neighbours. An extent holds all the
-tensors of one request at `TENSOR_ALIGN`-aligned offsets (`pack_tensors`), and `reservation_size` is
-what that reservation really takes out of the budget, so admission can account exactly.
-
-The allocator is not thread-safe: the owner calls it from its event loop only.
+Allocation. Which page runs are free and which reserved is `preprocess.extents` (best fit, merge on
+free, what a reservation costs); the `Arena` around it checks that only the owner allocates, stamps
+each reservation with a generation and moves its pages through the table's states. Neither is
+thread-safe: the owner calls them from its event loop only.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ import mmap
 import os
 import secrets
 import time
-from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -44,6 +39,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from .extents import Extent, ExtentAllocator, reservation_size
 from .protocol import (
     DTYPES,
     GENERATION_BOUND,
@@ -66,10 +62,7 @@ __all__ = [
     "Arena",
     "ArenaError",
     "ArenaStats",
-    "Extent",
     "find_stale",
-    "pack_tensors",
-    "reservation_size",
     "segment_name",
     "unlink_stale",
 ]
@@ -91,19 +84,6 @@ class ArenaError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class Extent:
-    """A reservation: whole pages starting at `offset` (absolute, in the segment), stamped `generation`.
-
-    Small and picklable: the owner sends it to the worker process that fills it.
-    """
-
-    shm: str
-    offset: int
-    capacity: int
-    generation: int
-
-
-@dataclass(frozen=True, slots=True)
 class ArenaStats:
     """`size` is the segment, `capacity` its data area; reserved_bytes + free_bytes == capacity."""
 
@@ -114,29 +94,6 @@ class ArenaStats:
     largest_free: int
     extents: int
     fragmentation: float
-
-
-def reservation_size(nbytes: int) -> int:
-    """Bytes a reservation of `nbytes` payload bytes takes from the arena (whole pages, at least one)."""
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    return max(1, -(-nbytes // PAGE)) * PAGE
-
-
-def pack_tensors(sizes: Sequence[int]) -> tuple[tuple[int, ...], int]:
-    """Offsets in one extent for tensors of `sizes` bytes, each TENSOR_ALIGN-aligned, and the payload total.
-
-    ``reservation_size(total)`` is then the exact cost of the request's extent.
-    """
-    offsets: list[int] = []
-    end = 0
-    for n in sizes:
-        if n < 0:
-            raise ValueError(f"tensor sizes must be >= 0, got {n}")
-        start = -(-end // TENSOR_ALIGN) * TENSOR_ALIGN
-        offsets.append(start)
-        end = start + n
-    return tuple(offsets), end
 
 
 def segment_name(instance: str, pid: int | None = None) -> str:
@@ -158,10 +115,7 @@ class Arena:
         self._table: npt.NDArray[np.uint64] | None = np.frombuffer(
             mm, dtype="<u8", count=header.pages, offset=header.table_offset
         )
-        # Free runs, sorted by offset, as parallel lists so `bisect` works on the starts.
-        self._free_starts: list[int] = [header.data_offset] if owner else []
-        self._free_lengths: list[int] = [header.pages * PAGE] if owner else []
-        self._live: dict[int, Extent] = {}
+        self._extents = ExtentAllocator(name, header.data_offset, header.pages * PAGE if owner else 0)
         # A random start and a random stride per reserve: strictly increasing, so never reused within
         # the segment, yet a live generation cannot be guessed from another one. (A segment re-created
         # under the same name has a new key, so its predecessor's descriptors fail the MAC anyway.)
@@ -314,28 +268,9 @@ class Arena:
     def reserve(self, nbytes: int) -> Extent | None:
         """Reserve room for `nbytes` payload bytes, or None when no free run is long enough."""
         self._require_owner("reserve")
-        need = reservation_size(nbytes)
-        best = -1
-        for i, length in enumerate(self._free_lengths):
-            if length >= need and (best < 0 or length < self._free_lengths[best]):
-                best = i
-                if length == need:
-                    break
-        if best < 0:
-            return None
-        generation = self._generation + 1 + secrets.randbelow(_GENERATION_STRIDE)
-        if generation >= GENERATION_BOUND:
-            raise ArenaError(f"arena {self._name} has used up its generations: restart the sidecar")
-        start = self._free_starts[best]
-        if self._free_lengths[best] == need:
-            del self._free_starts[best], self._free_lengths[best]
-        else:
-            self._free_starts[best] += need
-            self._free_lengths[best] -= need
-        self._generation = generation
-        extent = Extent(self._name, start, need, generation)
-        self._set_state(extent, STATE_WRITING)
-        self._live[start] = extent
+        extent = self._extents.reserve(reservation_size(nbytes), self._next_generation)
+        if extent is not None:
+            self._set_state(extent, STATE_WRITING)
         return extent
 
     def publish(self, extent: Extent, used_nbytes: int | None = None) -> None:
@@ -355,44 +290,35 @@ class Arena:
     def free(self, extent: Extent) -> None:
         """Return the extent's pages to the free list (merging with neighbours) and mark them FREE."""
         self._require_live(extent, "free")
-        del self._live[extent.offset]
         self._set_state(extent, STATE_FREE)
-        start, length = extent.offset, extent.capacity
-        i = bisect_left(self._free_starts, start)
-        if i < len(self._free_starts) and self._free_starts[i] == start + length:
-            length += self._free_lengths[i]
-            del self._free_starts[i], self._free_lengths[i]
-        if i > 0 and self._free_starts[i - 1] + self._free_lengths[i - 1] == start:
-            self._free_lengths[i - 1] += length
-        else:
-            self._free_starts.insert(i, start)
-            self._free_lengths.insert(i, length)
+        self._extents.release(extent)
 
     def live_extents(self) -> tuple[Extent, ...]:
-        return tuple(sorted(self._live.values(), key=lambda e: e.offset))
+        return self._extents.live_extents()
 
     def free_runs(self) -> tuple[tuple[int, int], ...]:
         """``(offset, length)`` of each free run, by offset."""
-        return tuple(zip(self._free_starts, self._free_lengths, strict=True))
+        return self._extents.free_runs()
 
     def stats(self) -> ArenaStats:
-        free = sum(self._free_lengths)
-        largest = max(self._free_lengths, default=0)
+        free = self._extents.free_bytes
+        largest = self._extents.largest_free
         return ArenaStats(
             size=self.size,
             capacity=self.capacity,
-            reserved_bytes=sum(e.capacity for e in self._live.values()),
+            reserved_bytes=self._extents.reserved_bytes,
             free_bytes=free,
             largest_free=largest,
-            extents=len(self._live),
+            extents=self._extents.live_count,
             fragmentation=1 - largest / free if free else 0.0,
         )
 
     def leak_check(self) -> None:
         """Raise ArenaError naming the extents still reserved (tests call it at the end)."""
-        if self._live:
-            listed = ", ".join(f"{e.offset}+{e.capacity} (gen {e.generation})" for e in self.live_extents())
-            raise ArenaError(f"arena {self._name}: {len(self._live)} extents still reserved: {listed}")
+        live = self._extents.live_extents()
+        if live:
+            listed = ", ".join(f"{e.offset}+{e.capacity} (gen {e.generation})" for e in live)
+            raise ArenaError(f"arena {self._name}: {len(live)} extents still reserved: {listed}")
 
     # ----------------------------------------------------------------------------- payload
 
@@ -444,6 +370,14 @@ class Arena:
 
     # ----------------------------------------------------------------------------- internals
 
+    def _next_generation(self) -> int:
+        """The stamp of the next reservation (see `__init__`); raises once the generations run out."""
+        generation = self._generation + 1 + secrets.randbelow(_GENERATION_STRIDE)
+        if generation >= GENERATION_BOUND:
+            raise ArenaError(f"arena {self._name} has used up its generations: restart the sidecar")
+        self._generation = generation
+        return generation
+
     def _require_owner(self, what: str) -> None:
         if self._mm is None:
             raise ArenaError(f"arena {self._name} is closed")
@@ -468,7 +402,7 @@ class Arena:
     def _require_live(self, extent: Extent, what: str) -> None:
         self._require_owner(what)
         self._require_mine(extent)
-        live = self._live.get(extent.offset)
+        live = self._extents.live(extent.offset)
         if live is None:
             raise ArenaError(f"{what}: extent at {extent.offset} is not reserved (double free?)")
         if live != extent:
@@ -480,7 +414,7 @@ class Arena:
     def _require_writable(self, extent: Extent) -> None:
         # The table, not the owner's bookkeeping, decides: workers have only the table.
         self._require_mine(extent)
-        if self._owner and self._live.get(extent.offset) != extent:
+        if self._owner and self._extents.live(extent.offset) != extent:
             raise ArenaError(f"extent at {extent.offset} generation {extent.generation} is not reserved")
         # No named view of the table here: a traceback would keep it, and it pins the mapping.
         if not bool(np.all(self._pages(extent) == table_entry(extent.generation, STATE_WRITING))):

@@ -16,7 +16,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .arena import Arena, ArenaStats, Extent, segment_name, unlink_stale
+from .arena import Arena, ArenaStats, segment_name, unlink_stale
+from .extents import Extent
 from .pool import WorkerPool, WorkerPoolStats
 from .protocol import TensorDescriptor
 from .spans import Text

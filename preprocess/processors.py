@@ -87,7 +87,7 @@ __all__ = [
 PRESETS_DIR: Final[Path] = Path(__file__).resolve().parent.parent / "config" / "processors"
 CONFIG_NAME: Final[str] = "preprocessor_config.json"
 
-# The formats probe.py reads headers for: nothing reaches a decoder the probe did not vet, and
+# The formats preprocess/probe/ reads headers for: nothing reaches a decoder the probe did not vet, and
 # PIL's other plugins (some of them rarely exercised parsers) stay out of reach of client bytes.
 DECODE_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .arena import Arena, Extent, pack_tensors
+from .arena import Arena
+from .extents import Extent, pack_tensors
 from .processors import decode, load_processor, run_processor
 from .spans import SpanText, Text
 

@@ -37,8 +37,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from preprocess.arena import reservation_size
 from preprocess.cost import CostError, output_nbytes
+from preprocess.extents import reservation_size
 from preprocess.fetch import host_allowed
 from preprocess.probe import ImageHeader
 from preprocess.processors import ProcessorSpec

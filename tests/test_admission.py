@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
-from preprocess.arena import reservation_size
 from preprocess.cost import output_nbytes
+from preprocess.extents import reservation_size
 from preprocess.processors import read_spec, resolve_processor
 from sidecar.app import create_app
 from sidecar.app_keys import BODIES, POOL

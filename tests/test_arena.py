@@ -29,13 +29,11 @@ from preprocess import arena as arena_mod
 from preprocess.arena import (
     Arena,
     ArenaError,
-    Extent,
     find_stale,
-    pack_tensors,
-    reservation_size,
     segment_name,
     unlink_stale,
 )
+from preprocess.extents import Extent, pack_tensors, reservation_size
 from preprocess.protocol import (
     DESCRIPTOR_ERROR,
     PAGE,

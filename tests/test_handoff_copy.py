@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from preprocess.arena import Arena, Extent, segment_name
+from preprocess.arena import Arena, segment_name
+from preprocess.extents import Extent
 from preprocess.protocol import DESCRIPTOR_ERROR, ArenaReader, StaleDescriptor, TensorDescriptor
 
 MiB = 1 << 20

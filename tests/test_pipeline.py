@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.arena import Arena, reservation_size, segment_name
+from preprocess.arena import Arena, segment_name
 from preprocess.cost import output_nbytes, output_shapes
+from preprocess.extents import reservation_size
 from preprocess.pipeline import ImagePipeline
 from preprocess.pool import TaskFailed, WorkerCrashed
 from preprocess.processors import decode, load_processor, read_spec, resolve_processor, run_processor

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from preprocess.arena import Arena, ArenaError, Extent, segment_name
+from preprocess.arena import Arena, ArenaError, segment_name
+from preprocess.extents import Extent
 from preprocess.protocol import (
     DESCRIPTOR_ERROR,
     KEY_BYTES,

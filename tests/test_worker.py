@@ -24,8 +24,9 @@ import pytest
 from PIL import Image
 
 from preprocess import worker
-from preprocess.arena import Arena, reservation_size, segment_name
+from preprocess.arena import Arena, segment_name
 from preprocess.cost import output_nbytes, output_shapes
+from preprocess.extents import reservation_size
 from preprocess.pipeline import ImagePipeline
 from preprocess.pool import PoolError, WorkerPool, WorkerUnavailable
 from preprocess.processors import CONFIG_NAME, read_spec, resolve_processor

@@ -1,0 +1,318 @@
+"""Benchmark processes: the engine, the sidecar and helper servers as subprocesses on loopback.
+
+`engine()`, `sidecar()` and `echo_upstream()` start `mm-sidecar engine|serve|echo-upstream`
+as subprocesses on free 127.0.0.1 ports, each in its own session (process group), wait until they
+answer, and stop them in `finally`: SIGTERM (the engine's launcher stops its ranks, the sidecar drains
+and stops its workers), SIGKILL to the whole group after a deadline. A sidecar gets a segment name of
+its own; after it stops, no `/dev/shm/mm-sidecar-<name>-*` may remain (`LeakError` otherwise, after
+removing it). Every child runs with `OMP_NUM_THREADS=1` (2-core machines: ranks, workers and the
+client would otherwise oversubscribe the cores) and `HF_HUB_OFFLINE=1`. `python_service()` does the
+same for a helper server of a benchmark's own (bench.hostile_mix's upstream).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from .common import REPO
+
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+_STOP_TIMEOUT_S = 30.0
+
+
+class LeakError(RuntimeError):
+    """A benchmark left a process or a shared-memory segment behind (it was cleaned up, loudly)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def start_service(
+    name: str, argv: Sequence[str], url: str, log_dir: Path, *, cpus: frozenset[int] | None = None
+) -> Service:
+    """`argv` as a service in its own session; on `cpus` only when given (its children inherit them)."""
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **CHILD_ENV},
+            start_new_session=True,  # its own process group: stop() can reach every descendant
+        )
+    if cpus is not None:
+        # Set before the interpreter has started anything: the engine's ranks and the sidecar's
+        # workers are spawned seconds later and inherit it.
+        os.sched_setaffinity(proc.pid, cpus)
+    return Service(name, proc, url, log_path)
+
+
+def wait_http(service: Service, path: str, timeout_s: float) -> dict[str, Any]:
+    """Poll `service.url + path` until it answers 200 (its JSON body), the process exits, or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if service.proc.poll() is not None:
+            raise RuntimeError(
+                f"{service.name} exited with {service.proc.returncode} during start-up:\n{service.log_tail()}"
+            )
+        try:
+            with urllib.request.urlopen(service.url + path, timeout=2) as resp:
+                if resp.status == 200:
+                    body = resp.read()
+                    try:
+                        parsed = orjson.loads(body)
+                    except orjson.JSONDecodeError:
+                        return {}
+                    return parsed if isinstance(parsed, dict) else {}
+        except (urllib.error.URLError, OSError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{service.name} did not answer {path} in {timeout_s:.0f} s:\n{service.log_tail()}")
+        time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_service(service: Service, timeout_s: float = _STOP_TIMEOUT_S) -> None:
+    """SIGTERM, then SIGKILL to its whole process group after `timeout_s`; wait until the group is gone."""
+    proc = service.proc
+    pgid = proc.pid  # start_new_session: the group id is the leader's pid
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            print(f"[bench] {service.name} ignored SIGTERM for {timeout_s:.0f} s: SIGKILL", file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            proc.wait(10)
+    deadline = time.monotonic() + 10
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            time.sleep(0.2)
+            if _group_alive(pgid):
+                raise LeakError(f"{service.name}: processes of group {pgid} survive SIGKILL")
+            raise LeakError(f"{service.name}: processes of group {pgid} outlived their leader (killed)")
+        time.sleep(0.05)
+
+
+def default_model_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mm-sidecar" / "tiny-qwen2-vl"
+
+
+def ensure_model(directory: str | None) -> Path:
+    from engine.tiny import ensure_tiny_model  # noqa: PLC0415 - imports transformers
+
+    return ensure_tiny_model(Path(directory) if directory else default_model_dir())
+
+
+@contextlib.contextmanager
+def engine(
+    model_dir: Path,
+    log_dir: Path,
+    *,
+    tp: int = 2,
+    wait: bool = True,
+    start_timeout_s: float = 180,
+    cpus: frozenset[int] | None = None,
+) -> Iterator[Service]:
+    """The reference engine (`tp` ranks, gloo) on a free port; stopped (and every rank gone) on exit.
+
+    `wait=False` yields at once (the caller starts a sidecar meanwhile and waits for both).
+    """
+    port = free_port()
+    argv = [_python(), "-m", "mm_sidecar.cli", "--log-level", "WARNING", "engine"]
+    argv += ["--model", str(model_dir), "--tp", str(tp), "--port", str(port)]
+    service = start_service(f"engine-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus)
+    with _running(service, "/health", start_timeout_s if wait else None):
+        yield service
+
+
+@contextlib.contextmanager
+def _running(service: Service, health_path: str, timeout_s: float | None) -> Iterator[None]:
+    """Wait for `service` to answer `health_path` (unless `timeout_s` is None); stop it on the way out."""
+    try:
+        if timeout_s is not None:
+            wait_http(service, health_path, timeout_s)
+        yield
+    finally:
+        stop_service(service)
+
+
+_instances = iter(range(1, 1 << 30))
+
+
+def _segments(instance: str) -> list[str]:
+    return glob.glob(f"/dev/shm/mm-sidecar-{instance}-*")
+
+
+@contextlib.contextmanager
+def sidecar(
+    config: dict[str, Any],
+    log_dir: Path,
+    *,
+    uvloop: bool = False,
+    start_timeout_s: float = 180,
+    cpus: frozenset[int] | None = None,
+) -> Iterator[Service]:
+    """`mm-sidecar serve` with `config` (ports and segment name filled in), ready (/readyz 200) on entry.
+
+    `uvloop=True` runs the unchanged sidecar on uvloop's event loop (bench/uvloop_serve.py).
+    """
+    instance = f"bench{os.getpid()}x{next(_instances)}"
+    port = free_port()
+    merged: dict[str, Any] = {key: dict(value) for key, value in config.items()}
+    merged.setdefault("server", {}).update(host="127.0.0.1", port=port, shutdown_timeout_s=5)
+    merged.setdefault("shm", {})["name"] = instance
+    path = log_dir / f"sidecar-{instance}.yaml"
+    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    module = "bench.uvloop_serve" if uvloop else "sidecar.cli"
+    argv = [_python(), "-m", module, "--log-level", "WARNING", "serve", "--config", str(path)]
+    service = start_service(f"sidecar-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus)
+    try:
+        wait_http(service, "/readyz", start_timeout_s)
+        yield service
+    finally:
+        try:
+            stop_service(service)
+        finally:
+            left = _segments(instance)
+            for seg in left:
+                with contextlib.suppress(OSError):
+                    os.unlink(seg)
+            if left:
+                raise LeakError(f"{service.name} left shared memory behind (removed now): {left}")
+
+
+@contextlib.contextmanager
+def bare_proxy(upstream: str, log_dir: Path) -> Iterator[Service]:
+    """`bench/bare_proxy.py` in front of `upstream`: the floor any aiohttp proxy pays (proxy_overhead)."""
+    port = free_port()
+    argv = [_python(), "-m", "bench.bare_proxy", "--port", str(port), "--upstream", upstream]
+    service = start_service(f"bare-proxy-{port}", argv, f"http://127.0.0.1:{port}", log_dir)
+    with _running(service, "/health", 60):
+        yield service
+
+
+@contextlib.contextmanager
+def echo_upstream(log_dir: Path, *, tokens: int = 1) -> Iterator[Service]:
+    """The built-in echo engine (`mm-sidecar echo-upstream`) as a process of its own."""
+    port = free_port()
+    argv = [_python(), "-m", "sidecar.cli", "--log-level", "WARNING", "echo-upstream"]
+    argv += ["--port", str(port), "--tokens", str(tokens)]
+    service = start_service(f"echo-{port}", argv, f"http://127.0.0.1:{port}", log_dir)
+    with _running(service, "/health", 60):
+        yield service
+
+
+@contextlib.contextmanager
+def python_service(
+    name: str,
+    args: Sequence[str],
+    log_dir: Path,
+    *,
+    health_path: str = "/health",
+    start_timeout_s: float = 60,
+    cpus: frozenset[int] | None = None,
+) -> Iterator[Service]:
+    """`python <args>` (a benchmark's own helper server, on the port its args name) as a service: ready
+    when `health_path` answers 200, stopped on exit."""
+    port = free_port()
+    argv = [_python(), *(a.replace("{port}", str(port)) for a in args)]
+    service = start_service(f"{name}-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus)
+    with _running(service, health_path, start_timeout_s):
+        yield service
+
+
+@contextlib.contextmanager
+def log_directory(keep: bool = False) -> Iterator[Path]:
+    """A temporary directory for configs and the children's logs (printed path kept when `keep`)."""
+    path = Path(tempfile.mkdtemp(prefix="mm-bench-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"[bench] logs kept in {path}", file=sys.stderr)
+        else:
+            for child in path.iterdir():
+                with contextlib.suppress(OSError):
+                    child.unlink()
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def check_no_leftovers() -> None:
+    """Raise LeakError if a child of this process or a segment of one of our sidecars is still there."""
+    left = glob.glob(f"/dev/shm/mm-sidecar-bench{os.getpid()}x*")
+    from preprocess.procmem import children  # noqa: PLC0415
+
+    kids = children(os.getpid())
+    # multiprocessing's own helpers (resource tracker) may be children of a benchmark that used it.
+    kids = [k for k in kids if not _is_resource_tracker(k)]
+    if left or kids:
+        raise LeakError(f"left behind: segments {left}, processes {kids}")
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" in f.read()
+    except OSError:
+        return True  # gone already
