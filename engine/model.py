@@ -17,7 +17,7 @@ an engine that receives ready tensors has no use for the image processor anyway.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -208,11 +208,19 @@ class VLModel:
 
     # -- generation --------------------------------------------------------------------------------
 
-    def generate(self, inputs: Mapping[str, torch.Tensor], *, max_new_tokens: int) -> list[int]:
+    def generate(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        max_new_tokens: int,
+        on_token: Callable[[int], None] | None = None,
+    ) -> list[int]:
         """Greedy-decode up to ``max_new_tokens`` tokens; only the new ids, a stop token included if hit.
 
         Pure greedy: the checkpoint's sampling settings (temperature, top-k, repetition penalty) are not
         applied, only its stop and pad ids, so every TP rank and every run picks the same tokens.
+        ``on_token`` is called with each new id as soon as it is picked, on this thread, in order (the
+        ids it sees are the ids returned); it only observes, so the tokens are the same with or without it.
         """
         from transformers import GenerationConfig  # noqa: PLC0415
 
@@ -227,8 +235,9 @@ class VLModel:
             eos_token_id=self._stop_ids,
             pad_token_id=self._pad_id,
         )
+        streamer = None if on_token is None else _TokenStreamer(on_token)
         with torch.inference_mode():
-            output = self._model.generate(**inputs, generation_config=generation_config)
+            output = self._model.generate(**inputs, generation_config=generation_config, streamer=streamer)
         new_ids: list[int] = output[0, input_ids.shape[1] :].tolist()
         return new_ids
 
@@ -239,6 +248,25 @@ class VLModel:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+
+class _TokenStreamer:
+    """What ``generate(streamer=...)`` calls: ``put`` with the prompt's ids once, then with each step's
+    new id (batch of one: a 1-element tensor), and ``end`` when done. Hands the new ids to ``on_token``."""
+
+    def __init__(self, on_token: Callable[[int], None]) -> None:
+        self._on_token = on_token
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self._on_token(int(token_id))
+
+    def end(self) -> None:
+        pass
 
 
 def _tp_config(device: str) -> Any:

@@ -30,6 +30,13 @@ keeps warm.
 
 The baseline (`Broadcast`): images that arrived inline were preprocessed by rank 0 in its API
 process, as in-process engines do, and their tensors are broadcast to the other ranks.
+
+Streaming (`Generate` issued with `on_token`): every rank generates in lockstep, and rank 0 hands
+each new token id to `on_token` the moment its model picks it (rank 0's ids are the answer: greedy
+decoding picks the same on every rank). The callback runs on rank 0's model thread, between two
+decoding steps, so it must be quick (the server's only schedules the id onto its event loop). One
+that raises is logged and not called again, and generation goes on: a rank 0 that stopped
+mid-generation would leave the other ranks waiting in the model's next collective.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -92,6 +99,7 @@ class Stop:
 
 
 Command = Copy | Broadcast | Generate | Drop | Stop
+OnToken = Callable[[int], None]
 
 
 class HandoffError(Exception):
@@ -135,11 +143,14 @@ class Rank:
         self.reader = ArenaReader(self.shm_dir)
 
     # -- rank 0: issue a command to every rank --------------------------------------------------
-    def issue(self, command: Command, tensors: Images | None = None) -> Any:
-        """Rank 0 only, on its model thread: send `command` to every other rank, then run it here."""
+    def issue(self, command: Command, tensors: Images | None = None, *, on_token: OnToken | None = None) -> Any:
+        """Rank 0 only, on its model thread: send `command` to every other rank, then run it here.
+
+        `on_token` (a `Generate` only): called with each new token id as rank 0 generates it.
+        """
         for link in self.links:
             link.send(command)
-        return self.execute(command, tensors)
+        return self.execute(command, tensors, on_token=on_token)
 
     # -- every rank ----------------------------------------------------------------------------
     def follow(self) -> None:
@@ -164,13 +175,13 @@ class Rank:
                 # The same inputs fail the same way on rank 0, which reports it; stay in step.
                 log.exception("rank %d: %s failed", self.rank, type(command).__name__)
 
-    def execute(self, command: Command, tensors: Images | None = None) -> Any:
+    def execute(self, command: Command, tensors: Images | None = None, *, on_token: OnToken | None = None) -> Any:
         if isinstance(command, Copy):
             return self._copy(command)
         if isinstance(command, Broadcast):
             return self._broadcast(command, tensors)
         if isinstance(command, Generate):
-            return self._generate(command)
+            return self._generate(command, None if on_token is None else _guarded(on_token, command.request))
         if isinstance(command, Drop):
             self._release(command.request)
             return None
@@ -180,10 +191,10 @@ class Rank:
             self.staging.clear()
         return None
 
-    def _generate(self, command: Generate) -> Generated:
+    def _generate(self, command: Generate, on_token: OnToken | None) -> Generated:
         buffers = self._lent.pop(command.request, [])
         try:
-            return self._forward(command)
+            return self._forward(command, on_token)
         except BaseException as exc:
             # The traceback's frames hold the staged tensors (views of `buffers`); without clearing
             # them the pool sees its buffers still referenced and has to give up on reusing them.
@@ -192,14 +203,14 @@ class Rank:
         finally:
             self.staging.give(buffers)
 
-    def _forward(self, command: Generate) -> Generated:
+    def _forward(self, command: Generate, on_token: OnToken | None) -> Generated:
         # The staged tensors die with this frame. build_inputs concatenates them into new tensors, so
         # the model never holds a view of a staging buffer, and generate() is synchronous: once this
         # returns, the buffers are free to go back to the pool.
         images = self.staged.pop(command.request, [])
         inputs = self.model.build_inputs(command.messages, images)
         prompt = inputs.get("input_ids")
-        tokens = self.model.generate(inputs, max_new_tokens=command.max_new_tokens)
+        tokens = self.model.generate(inputs, max_new_tokens=command.max_new_tokens, on_token=on_token)
         return Generated(tokens, 0 if prompt is None else int(prompt.shape[-1]))
 
     def _release(self, request: str) -> None:
@@ -295,3 +306,20 @@ class Rank:
                 received[name] = tensor.to(self.model.device)
             images.append(received)
         self.staged[command.request] = images
+
+
+def _guarded(on_token: OnToken, request: str) -> OnToken:
+    """`on_token`, except that once it raises it is logged and skipped: generation must go on (module docstring)."""
+    failed = False
+
+    def call(token: int) -> None:
+        nonlocal failed
+        if failed:
+            return
+        try:
+            on_token(token)
+        except Exception:
+            failed = True
+            log.exception("%s: the token callback failed; generating on without it", request)
+
+    return call

@@ -14,12 +14,23 @@ Two forms of image part:
 
 Model commands run one at a time on a single model thread (ranks must execute them in the same
 order), so the event loop stays free to accept requests and answer `/health`.
+
+Streaming: the model thread hands each token id to the event loop as rank 0 picks it
+(`loop.call_soon_threadsafe` onto a queue, ranks.py `on_token`), and the handler writes its SSE chunk
+then, so the first chunk leaves after the first token, not after the last: a proxy that acks at the
+first chunk (the sidecar's passthrough mode) sees the real time to first token. The role chunk goes
+with the first token; the headers (the ack of the handoff) went before generation started.
+Non-streaming answers are written once, when generation is over.
+
+`max_tokens` and `max_completion_tokens` must be integers >= 1 when present (JSON null is absent: 16
+tokens); anything else is a 400 naming the field and the value, before any image is handed off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import logging
 import os
 import time
@@ -35,18 +46,61 @@ from preprocess.processors import decode, load_processor, run_processor
 from preprocess.procmem import tree_memory
 from preprocess.protocol import DESCRIPTOR_ERROR, DescriptorError, TensorDescriptor, shm_token
 
+from .model import VLModel
 from .ranks import Broadcast, Copy, Drop, Generate, Generated, HandoffError, Rank, Stop
 
 RANK = web.AppKey("rank", Rank)
 MODEL_THREAD = web.AppKey("model_thread", ThreadPoolExecutor)
 SETTINGS = web.AppKey("settings", dict)
 
+DEFAULT_MAX_TOKENS = 16
+_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")  # the first one present wins, as before
+
 log = logging.getLogger("mm_engine.server")
 
 
-def _error(status: int, message: str, etype: str = "invalid_request_error", code: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+class _BadField(ValueError):
+    """A body field whose value the engine refuses; `param` names it in the answer, as OpenAI's does."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _error(
+    status: int,
+    message: str,
+    etype: str = "invalid_request_error",
+    code: str | None = None,
+    *,
+    param: str | None = None,
+) -> web.Response:
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    """How many tokens to generate at most. Every limit field present must be an integer >= 1: a
+    bool, a float (even 16.0) or a string is refused, not converted."""
+    chosen: int | None = None
+    for name in _LIMIT_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _BadField(name, f"{name} must be an integer >= 1, got {_shown(value)}")
+        if chosen is None:
+            chosen = value
+    return DEFAULT_MAX_TOKENS if chosen is None else chosen
+
+
+def _shown(value: Any) -> str:
+    """A refused value as the client wrote it (JSON), cut short: a message is not an echo service."""
+    try:
+        text = orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _descriptor_refused() -> web.Response:
@@ -107,13 +161,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     try:
         body = orjson.loads(await request.read())
+        if not isinstance(body, dict):
+            raise ValueError("the request body must be a JSON object")
         messages, images = _split_images(body.get("messages"))
-        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
-        if max_tokens < 1:
-            raise ValueError("max_tokens: must be >= 1")
+        max_tokens = _max_tokens(body)
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            raise _BadField("stream_options", "stream_options must be an object")
     except DescriptorError as exc:  # before ValueError, its base: never str(exc) plus a location
         log.warning("refused a tensor descriptor: %s", exc.detail)
         return _descriptor_refused()
+    except _BadField as exc:
+        return _error(400, str(exc), code="invalid_value", param=exc.param)
     except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError) as exc:
         return _error(400, str(exc))
     stream = bool(body.get("stream"))
@@ -157,44 +216,121 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         # The client is gone before the ack: no Generate will consume what every rank staged.
         await asyncio.shield(_model(app, Drop(request_id)))
         raise
-    try:
-        generated: Generated = await _model(app, Generate(request_id, messages, max_tokens))
-    except Exception as exc:  # the status line is gone: report in the body
-        await _model(app, Drop(request_id))
-        error = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "code": None}}
-        await response.write((b"data: " if stream else b"") + orjson.dumps(error) + (b"\n\n" if stream else b""))
-        await response.write_eof()
-        return response
-    model = app[RANK].model
-    tokens, prompt = generated.tokens, generated.prompt_tokens
-    finish = "stop" if tokens and tokens[-1] in model.stop_ids else "length"
-    usage = {"prompt_tokens": prompt, "completion_tokens": len(tokens), "total_tokens": prompt + len(tokens)}
     base = {"id": request_id, "created": created, "model": model_name}
-    if not stream:
-        message = {"role": "assistant", "content": model.decode(tokens)}
-        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
-        await response.write(orjson.dumps({**base, "object": "chat.completion", "choices": [choice], "usage": usage}))
-        await response.write_eof()
+    command = Generate(request_id, messages, max_tokens)
+    if stream:
+        return await _stream_answer(app, response, command, base, bool(stream_options.get("include_usage")))
+    try:
+        generated: Generated = await _model(app, command)
+    except Exception as exc:  # the status line is gone: report in the body
+        return await _generation_failed(app, response, request_id, exc, stream=False)
+    model = app[RANK].model
+    tokens = generated.tokens
+    message = {"role": "assistant", "content": model.decode(tokens)}
+    choice = {"index": 0, "message": message, "finish_reason": _finish(model, tokens), "logprobs": None}
+    answer = {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(generated)}
+    await response.write(orjson.dumps(answer))
+    await response.write_eof()
+    return response
+
+
+def _finish(model: VLModel, tokens: list[int]) -> str:
+    return "stop" if tokens and tokens[-1] in model.stop_ids else "length"
+
+
+def _usage(generated: Generated) -> dict[str, int]:
+    prompt, completion = generated.prompt_tokens, len(generated.tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _generation_failed(
+    app: web.Application, response: web.StreamResponse, request_id: str, exc: Exception, *, stream: bool
+) -> web.StreamResponse:
+    """After the headers: the error goes in the body (in-band, as an SSE event, when streaming)."""
+    await _model(app, Drop(request_id))
+    error = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "code": None}}
+    await response.write((b"data: " if stream else b"") + orjson.dumps(error) + (b"\n\n" if stream else b""))
+    await response.write_eof()
+    return response
+
+
+async def _stream_answer(
+    app: web.Application,
+    response: web.StreamResponse,
+    command: Generate,
+    base: dict[str, Any],
+    include_usage: bool,
+) -> web.StreamResponse:
+    """Generate on the model thread and write each token's chunk as soon as the thread hands it over."""
+    loop = asyncio.get_running_loop()
+    feed: asyncio.Queue[int | None] = asyncio.Queue()
+
+    def on_token(token: int) -> None:  # on the model thread, between two decoding steps
+        loop.call_soon_threadsafe(feed.put_nowait, token)
+
+    job: asyncio.Future[Generated] = loop.run_in_executor(
+        app[MODEL_THREAD], functools.partial(app[RANK].issue, command, on_token=on_token)
+    )
+    # The job's result reaches the loop by call_soon_threadsafe too, from the same thread and after
+    # every token it handed over: the None lands behind the last of them.
+    job.add_done_callback(lambda _: feed.put_nowait(None))
+
+    try:
+        return await _write_stream(app, response, command, base, include_usage=include_usage, job=job, feed=feed)
+    except ConnectionResetError:
+        # Routine for a stream (a client that stops reading); the generation runs on to its end on
+        # the model thread, as it must on every rank, and its tokens are dropped.
+        log.info("%s: the client left mid-stream", command.request)
+        job.add_done_callback(functools.partial(_log_unheard_failure, command.request))
         return response
 
+
+def _log_unheard_failure(request_id: str, job: asyncio.Future[Generated]) -> None:
+    """A generation whose client had left: nobody awaits it, so its failure is logged here."""
+    if not job.cancelled() and (exc := job.exception()) is not None:
+        log.warning("%s: generation failed after the client left: %s", request_id, exc)
+
+
+async def _write_stream(
+    app: web.Application,
+    response: web.StreamResponse,
+    command: Generate,
+    base: dict[str, Any],
+    *,
+    include_usage: bool,
+    job: asyncio.Future[Generated],
+    feed: asyncio.Queue[int | None],
+) -> web.StreamResponse:
     def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         return b"data: " + orjson.dumps({**base, "object": "chat.completion.chunk", "choices": [choice]}) + b"\n\n"
 
-    await response.write(chunk({"role": "assistant", "content": ""}, None))
+    model = app[RANK].model
+    streamed: list[int] = []
     sent = ""
-    for i in range(1, len(tokens) + 1):
+    while (token := await feed.get()) is not None:
+        if not streamed:
+            await response.write(chunk({"role": "assistant", "content": ""}, None))
+        streamed.append(token)
         # Byte-level BPE: one token may be half a character. Decode the prefix and send what is
         # new once it is whole, as streaming detokenizers do.
-        text = model.decode(tokens[:i])
+        text = model.decode(streamed)
         if len(text) > len(sent) and not text.endswith("\ufffd"):
             await response.write(chunk({"content": text[len(sent) :]}, None))
             sent = text
-    if len(model.decode(tokens)) > len(sent):
-        await response.write(chunk({"content": model.decode(tokens)[len(sent) :]}, None))
-    await response.write(chunk({}, finish))
-    if (body.get("stream_options") or {}).get("include_usage"):
-        usage_chunk = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+    try:
+        generated = await job
+    except Exception as exc:
+        return await _generation_failed(app, response, command.request, exc, stream=True)
+    if not streamed:
+        await response.write(chunk({"role": "assistant", "content": ""}, None))
+    # What is still held back (a last half character), from the returned ids: they are the answer.
+    text = model.decode(generated.tokens)
+    if len(text) > len(sent):
+        await response.write(chunk({"content": text[len(sent) :]}, None))
+    await response.write(chunk({}, _finish(model, generated.tokens)))
+    if include_usage:
+        usage_chunk = {**base, "object": "chat.completion.chunk", "choices": [], "usage": _usage(generated)}
         await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()

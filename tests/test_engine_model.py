@@ -39,6 +39,7 @@ MESSAGES: list[dict[str, Any]] = [
     },
 ]
 NEW_TOKENS = 6
+STREAMED_TOKENS = 64
 TP_TIMEOUT_S = 90.0
 
 
@@ -189,6 +190,25 @@ def test_generate_is_greedy_and_deterministic(model: VLModel, images: list[dict[
     assert isinstance(model.decode(first), str)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(inputs, max_new_tokens=0)
+
+
+def test_on_token_sees_each_id_as_it_is_picked_and_changes_nothing(
+    model: VLModel, images: list[dict[str, torch.Tensor]]
+) -> None:
+    inputs = model.build_inputs(MESSAGES, images)
+    plain = model.generate(inputs, max_new_tokens=STREAMED_TOKENS)
+    seen: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    streamed = model.generate(
+        inputs, max_new_tokens=STREAMED_TOKENS, on_token=lambda t: seen.append((t, time.perf_counter()))
+    )
+    end = time.perf_counter()
+    assert [t for t, _ in seen] == streamed == plain  # the prompt's ids are not handed over, only new ones
+    # Incremental: the first id was handed over well before generation ended (a ratio of one run's
+    # times, not a threshold: this machine is noisy), and the ids arrived spread over the run.
+    first, last = seen[0][1] - start, seen[-1][1] - start
+    assert first < 0.5 * (end - start), (first, end - start)
+    assert last - first > 0.5 * (end - start), (first, last, end - start)
 
 
 def test_tp_load_needs_a_process_group(tiny_dir: Path) -> None:

@@ -7,11 +7,12 @@ what it was given. The two-rank tests spawn a gloo group and run `Rank.issue` / 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import os
 import secrets
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ import torch
 
 from engine.ranks import Copy, Drop, Generate, HandoffError, Rank, Stop, checksum
 from engine.staging import StagingPool
-from preprocess.arena import Arena, pack_tensors, segment_name
+from preprocess.arena import Arena, segment_name
+from preprocess.extents import pack_tensors
 from preprocess.protocol import DESCRIPTOR_ERROR, StaleDescriptor, TensorDescriptor
 
 MiB = 1 << 20
@@ -40,6 +42,8 @@ class RecordingModel:
         self.keep: list[torch.Tensor] = []  # tensors a misbehaving model holds on to
         self.hold_inputs = False
         self.fail: Exception | None = None
+        self.extra: list[int] = []  # more ids after the first, to stream
+        self.fail_after: int | None = None  # fail once this many ids were handed to on_token
 
     def build_inputs(
         self, messages: Sequence[Mapping[str, Any]], images: Sequence[Mapping[str, torch.Tensor]]
@@ -50,10 +54,22 @@ class RecordingModel:
         # Like VLModel.build_inputs: the pixel values are concatenated into a new tensor.
         return {"pixel_values": torch.cat([image["pixel_values"] for image in images])} if images else {}
 
-    def generate(self, inputs: Mapping[str, torch.Tensor], *, max_new_tokens: int) -> list[int]:
+    def generate(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        max_new_tokens: int,
+        on_token: Callable[[int], None] | None = None,
+    ) -> list[int]:
         if self.fail is not None:
             raise self.fail
-        return [int(inputs["pixel_values"].numel()) if inputs else 0]
+        ids = [int(inputs["pixel_values"].numel()) if inputs else 0, *self.extra]
+        for n, token in enumerate(ids):  # as VLModel does: each id as it is picked
+            if n == self.fail_after:
+                raise RuntimeError("failed mid-generation")
+            if on_token is not None:
+                on_token(token)
+        return ids
 
 
 @pytest.fixture
@@ -148,6 +164,45 @@ def test_a_failed_generate_still_gives_the_buffers_back(rank: Rank, arena: Arena
     rank.issue(Copy("r1", [descs]))
     with pytest.raises(RuntimeError, match="out of memory"):
         rank.issue(Generate("r1", [], 4))
+    stats = rank.staging.stats
+    assert (stats.held, stats.still_shared) == (0, 0) and stats.free_bytes > 0
+
+
+def test_generate_hands_each_token_to_on_token_in_order_and_returns_the_same_ids(rank: Rank, arena: Arena) -> None:
+    model_of(rank).extra = [7, 8, 9]
+    descs, _ = publish(arena, 1000)
+    rank.issue(Copy("r1", [descs]))
+    seen: list[int] = []
+    generated = rank.issue(Generate("r1", [], 4), on_token=seen.append)
+    assert seen == generated.tokens == [1000 * ROW, 7, 8, 9]
+    stats = rank.staging.stats
+    assert (stats.held, stats.still_shared) == (0, 0)
+    assert rank.issue(Generate("r2", [], 4)).tokens == [0, 7, 8, 9]  # no callback: nothing else changes
+
+
+def test_a_token_callback_that_raises_does_not_stop_generation(rank: Rank, caplog: pytest.LogCaptureFixture) -> None:
+    # Rank 0 stopping while the other ranks generate on would leave them waiting in a collective.
+    model_of(rank).extra = [7, 8, 9]
+    calls: list[int] = []
+
+    def gone(token: int) -> None:
+        calls.append(token)
+        raise RuntimeError("Event loop is closed")
+
+    with caplog.at_level(logging.ERROR, logger="mm_engine.ranks"):
+        assert rank.issue(Generate("r1", [], 4), on_token=gone).tokens == [0, 7, 8, 9]
+    assert calls == [0]  # not called again after it failed
+    assert "r1: the token callback failed" in caplog.text
+
+
+def test_a_generation_that_fails_midway_has_streamed_what_it_picked(rank: Rank, arena: Arena) -> None:
+    model_of(rank).extra, model_of(rank).fail_after = [7, 8, 9], 2
+    descs, _ = publish(arena, 1000)
+    rank.issue(Copy("r1", [descs]))
+    seen: list[int] = []
+    with pytest.raises(RuntimeError, match="mid-generation"):
+        rank.issue(Generate("r1", [], 4), on_token=seen.append)
+    assert seen == [1000 * ROW, 7]
     stats = rank.staging.stats
     assert (stats.held, stats.still_shared) == (0, 0) and stats.free_bytes > 0
 
