@@ -18,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/mm-sidecar run --config config/sidecar.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar preprocess engine tests bench
-	$(BIN)/ruff format --check sidecar preprocess engine tests bench
+	$(BIN)/ruff check sidecar preprocess engine mm_sidecar tests bench
+	$(BIN)/ruff format --check sidecar preprocess engine mm_sidecar tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

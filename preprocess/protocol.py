@@ -262,6 +262,14 @@ def segment_layout(size: int) -> tuple[int, int, int]:
     return PAGE, pages, PAGE + _round_up(8 * pages, PAGE)
 
 
+def segment_size_for(capacity: int) -> int:
+    """The smallest segment whose data pages hold `capacity` bytes: what a budget of `capacity` maps."""
+    pages = max(1, _round_up(capacity, PAGE) // PAGE)
+    size = PAGE + _round_up(8 * pages, PAGE) + pages * PAGE
+    assert segment_layout(size)[1] >= pages
+    return size
+
+
 def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 

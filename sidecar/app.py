@@ -24,7 +24,7 @@ from preprocess.fetch import FetchPolicy, SafeFetcher
 from preprocess.pipeline import ImagePipeline
 from preprocess.processors import read_spec, resolve_processor
 from preprocess.procmem import tree_memory
-from preprocess.protocol import PAGE, shm_token
+from preprocess.protocol import segment_size_for, shm_token
 
 from .app_keys import (
     BODIES,
@@ -124,7 +124,8 @@ async def _offload_ctx(app: web.Application) -> AsyncIterator[None]:
         nice=config.preprocess.worker_nice,
         instance=config.shm.name,
         directory=config.shm.dir,
-        size=config.gate.max_bytes // PAGE * PAGE,
+        # Data pages for exactly gate.max_bytes; the header page and the page table come on top.
+        size=segment_size_for(config.gate.max_bytes),
         on_restart=lambda reason: metrics.worker_restarts.labels(reason).inc(),
         # Deferred frees (a worker finishing after its request ended) must wake queued requests;
         # scheduled, not called, so that a free inside a lease release never re-enters the pool.
@@ -132,7 +133,8 @@ async def _offload_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await pipeline.start()
     app[PIPELINE] = pipeline
-    pool.attach_allocator(pipeline, pipeline.capacity)
+    assert pipeline.capacity >= config.gate.max_bytes
+    pool.attach_allocator(pipeline, config.gate.max_bytes)  # the budget is exactly what was configured
     metrics.arena_free_bytes.set_function(lambda: pipeline.stats()[0].largest_free)
     log.info(
         "offload: arena %s/%s, %s for tensors, %d workers with processor %s",
@@ -309,9 +311,19 @@ async def drain(app: web.Application, timeout_s: float) -> bool:
         return False
 
 
-async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or a fatal check), then shut down in order; returns the exit code."""
+async def serve(
+    config: Config,
+    *,
+    ready: Callable[[str], None] | None = None,
+    on_app: Callable[[web.Application], None] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or a fatal check), then shut down in order; returns the exit code.
+
+    `ready` gets the listening address; `on_app` the app before it starts, for a supervisor that may
+    stop it (`app[STATE].exit_code`, then `app[STATE].stop.set()`)."""
     app = create_app(config)
+    if on_app is not None:
+        on_app(app)
     runner = make_runner(app, config.server)  # header and keep-alive timeouts, handler cancellation
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from preprocess.processors import read_spec, resolve_processor
+from preprocess.protocol import segment_size_for
 
 from .config import Config, format_size
 
@@ -72,7 +73,13 @@ def memory_ceiling(config: Config) -> Ceiling:
         terms.append(Term("remote fetches", fetches, "preprocess.max_concurrent_fetches x max_image_bytes x 7/3"))
     if config.upstream.mode == "offload":
         workers = config.preprocess.workers
-        terms.append(Term("arena", config.gate.max_bytes, "gate.max_bytes (the shared-memory segment)"))
+        terms.append(
+            Term(
+                "arena",
+                segment_size_for(config.gate.max_bytes),
+                "gate.max_bytes of data pages, plus the segment's header page and page table",
+            )
+        )
         terms.append(
             Term(
                 "workers",

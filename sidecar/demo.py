@@ -13,9 +13,9 @@ import base64
 import contextlib
 import io
 import random
-import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,8 +152,8 @@ async def run_demo(url: str, engine: str | None, requests: int, model: str) -> i
         for stream in (False, True):
             group = [o for o in outcomes if o.kind == kind and o.stream == stream]
             ok = [o for o in group if o.status == 200]
-            other = statistics.multimode([o.status for o in group if o.status != 200]) if len(ok) < len(group) else []
-            others = ", ".join(f"{s}" for s in other) or "-"
+            counts = Counter(o.status for o in group if o.status != 200)
+            others = ", ".join(f"{status} x{n}" for status, n in sorted(counts.items())) or "-"
             lat = [o.seconds for o in ok]
             print(f"| {kind} | {stream} | {len(group)} | {len(ok)} | {others} | {_pct(lat, 0.5)} | {_pct(lat, 0.99)} |")
     mean_wait = waits / admitted if admitted else 0.0

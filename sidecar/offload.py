@@ -11,9 +11,9 @@ and the request goes to the engine's chat endpoint. The engine's response header
 released then, or on whatever else ends the request first. Extents are freed only once no worker
 can still write into them (`preprocess.pipeline.ExtentHold`).
 
-The reference engine speaks chat completions only, so in this mode Anthropic `/v1/messages` and
-OpenAI `/v1/responses` requests are translated to chat form and the answers translated back,
-streaming included (`translate/`); text requests on those routes too.
+The reference engine speaks chat completions only, so in this mode Anthropic `/v1/messages`, OpenAI
+`/v1/responses` and OpenAI `/v1/completions` requests are translated to chat form and the answers
+translated back, streaming included (`translate/`); text requests on those routes too.
 """
 
 from __future__ import annotations
@@ -37,14 +37,18 @@ from .families import Route
 from .metrics import Metrics
 from .translate import (
     StreamTranslator,
+    chat_stream_to_completions,
     chat_stream_to_messages,
     chat_stream_to_responses,
+    chat_to_completions,
     chat_to_messages,
     chat_to_responses,
+    completions_to_chat,
     messages_to_chat,
     responses_to_chat,
 )
 from .translate.answers import chat_error_to_messages, chat_error_to_responses
+from .translate.completions import chat_error_to_completions
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -79,7 +83,22 @@ class ResponsesTransform:
         return chat_error_to_responses(status, payload)
 
 
-Transform = MessagesTransform | ResponsesTransform
+@dataclass(frozen=True, slots=True)
+class CompletionsTransform:
+    model: str
+    completion_id: str
+
+    def stream(self) -> StreamTranslator:
+        return chat_stream_to_completions(self.model, self.completion_id)
+
+    def whole(self, body: dict[str, Any]) -> dict[str, Any]:
+        return chat_to_completions(body, self.model)
+
+    def error(self, status: int, payload: Any) -> dict[str, Any]:
+        return chat_error_to_completions(status, payload)
+
+
+Transform = MessagesTransform | ResponsesTransform | CompletionsTransform
 
 
 def to_chat(route: Route, data: dict[str, Any], found: Classification) -> tuple[dict[str, Any], Transform | None]:
@@ -96,8 +115,11 @@ def to_chat(route: Route, data: dict[str, Any], found: Classification) -> tuple[
             return chat, MessagesTransform(str(data.get("model", "")), f"msg_{uuid.uuid4().hex}")
         if route.kind == "responses":
             return responses_to_chat(data, found.chat_part), ResponsesTransform(data, f"resp_{uuid.uuid4().hex}")
+        if route.kind == "completions":  # no parts to take from the walk: prompts are text or refused
+            chat = completions_to_chat(data)
+            return chat, CompletionsTransform(str(data.get("model", "")), f"cmpl-{uuid.uuid4().hex}")
     except TranslationError as exc:
-        raise SidecarError(Cause.BAD_REQUEST, str(exc)) from None
+        raise SidecarError(Cause.BAD_REQUEST, str(exc), param=exc.param) from None
     return data, None
 
 

@@ -45,3 +45,21 @@ async def test_demo_runs_a_mixed_burst_and_prints_the_table(
     assert "peak memory" in out.out
     assert "9/9" in out.err  # the progress bar reached the end
     assert s.engine.stats.requests == 9
+
+
+async def test_demo_counts_each_refusal_status(stack: StackFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    # A gate of one and no queue: most image requests of the burst get 429, and the table says how many.
+    s = await stack(EchoEngine(prefill_s=0.2), gate={"max_concurrent": 1, "max_queue": 0})
+    url = str(s.client.make_url("")).rstrip("/")
+    await run_demo(url, None, 12, "echo")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| image |")]
+    refused = 0
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        requests, ok, others = int(cells[2]), int(cells[3]), cells[4]
+        if ok < requests:
+            assert others == f"429 x{requests - ok}", row
+            refused += requests - ok
+        else:
+            assert others == "-", row
+    assert refused > 0, rows

@@ -762,7 +762,7 @@ def test_dockerfile_keeps_the_layout_the_code_looks_for() -> None:
     # config/ beside them and install in place (editable), not into site-packages.
     presets = PRESETS_DIR.relative_to(ROOT)
     assert (workdir / presets.parts[0]).resolve() in copied
-    for package in ("sidecar", "preprocess", "engine"):
+    for package in ("sidecar", "preprocess", "engine", "mm_sidecar"):
         assert (workdir / package).resolve() in copied
     assert any(k == "RUN" and "pip install -e " in r for k, r in steps)
     assert ["pyproject.toml", "README.md", "./"] in copies, "pip install needs pyproject.toml and its readme"

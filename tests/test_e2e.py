@@ -60,7 +60,7 @@ def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "sidecar.cli",
+            "mm_sidecar.cli",
             "engine",
             "--model",
             str(model),

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -166,6 +167,20 @@ async def test_an_image_left_in_the_body_buffer_is_staged_and_preprocessed_bit_i
         for name in want:
             assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name])
     await wait_all_free(client)
+
+
+async def test_the_byte_budget_is_exactly_gate_max_bytes(offload: Any) -> None:
+    # The arena maps gate.max_bytes of data pages (its header and page table come on top), so the
+    # budget, its metric and the refusal quote the configured number, not what was left of it.
+    client, _ = await offload()
+    assert client.app[POOL].max_bytes == 64 << 20
+    assert client.app[PIPELINE].capacity == 64 << 20
+    metrics = await (await client.get("/metrics")).text()
+    assert "mm_sidecar_capacity_bytes 6.7108864e+07" in metrics
+    resp = await client.post("/v1/chat/completions", json=chat_with_images(*[(4000, 4000)] * 8))
+    error = (await resp.json())["error"]
+    assert resp.status == 413 and error["code"] == "over_budget", error
+    assert "(gate.max_bytes=67108864)" in error["message"]
 
 
 async def test_engine_rejecting_a_descriptor_frees_the_extent_once(offload: Any) -> None:
@@ -484,3 +499,120 @@ async def test_an_engine_going_silent_mid_stream_ends_the_translated_stream_with
         "error",
         {"type": "error", "sequence_number": 5, "code": "upstream_timeout", "message": message, "param": None},
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# /v1/completions: a text request, sent to the engine as chat and answered as text_completion
+
+COMPLETIONS_TEXT: dict[str, Any] = {"model": "m", "prompt": "Say ok.", "max_tokens": 4, "stop": ["\n"]}
+CHAT_OF_COMPLETIONS: dict[str, Any] = {
+    "model": "m",
+    "messages": [{"role": "user", "content": "Say ok."}],
+    "max_tokens": 4,
+    "stop": ["\n"],
+}
+STREAM_USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def chat_stream(*texts: str) -> Behaviour:
+    """An engine that streams its answer in chat chunks: a role chunk, one chunk per text (the last one
+    finishing), the usage chunk if the request asked for it, then [DONE]."""
+
+    async def stream(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        head = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 0, "model": "fake"}
+        deltas = [{"role": "assistant", "content": ""}, *({"content": text} for text in texts)]
+        for i, delta in enumerate(deltas):
+            choice = {"index": 0, "delta": delta, "finish_reason": "stop" if i == len(deltas) - 1 else None}
+            await resp.write(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(b"data: " + orjson.dumps({**head, "choices": [], "usage": STREAM_USAGE}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    return stream
+
+
+async def test_a_completion_goes_to_the_engine_as_chat_and_comes_back_as_text_completion(offload: Any) -> None:
+    client, engine = await offload()
+    resp = await client.post("/v1/completions", json=COMPLETIONS_TEXT)
+    assert resp.status == 200, await resp.text()
+    assert engine.bodies == [CHAT_OF_COMPLETIONS]  # recorded by the engine's chat route, its only POST route
+    assert await resp.json() == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [{"index": 0, "text": "ok", "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
+async def test_a_streamed_completion_is_translated_chunk_by_chunk(offload: Any) -> None:
+    client, engine = await offload()
+    engine.behaviour = chat_stream("o", "k")
+    body = {**COMPLETIONS_TEXT, "stream": True, "stream_options": {"include_usage": True}}
+    resp = await client.post("/v1/completions", json=body)
+    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    assert engine.bodies == [{**CHAT_OF_COMPLETIONS, "stream": True, "stream_options": {"include_usage": True}}]
+    events = SSEParser().feed(await resp.read())
+    assert [event.event for event in events] == [None] * 5 and events[-1].data == "[DONE]"
+    chunks = [orjson.loads(event.data) for event in events[:-1]]
+    assert {(c["id"], c["object"], c["created"], c["model"]) for c in chunks} == {
+        ("cmpl-2", "text_completion", 0, "fake")
+    }
+    assert [c["choices"] for c in chunks] == [
+        [{"index": 0, "text": "", "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "text": "o", "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "text": "k", "logprobs": None, "finish_reason": "stop"}],
+        [],
+    ]
+    assert chunks[-1]["usage"] == STREAM_USAGE
+
+
+async def test_the_openai_sdk_reads_both_completion_answers(offload: Any) -> None:
+    client, engine = await offload()
+    sdk = openai.AsyncOpenAI(api_key="k", base_url=str(client.make_url("/v1")), max_retries=0)
+    async with sdk:
+        done = await sdk.completions.create(model="m", prompt="Say ok.", max_tokens=4)
+        assert (done.object, done.choices[0].text, done.choices[0].finish_reason) == ("text_completion", "ok", "stop")
+        engine.behaviour = chat_stream("o", "k")
+        stream = await sdk.completions.create(model="m", prompt=["Say ok."], max_tokens=4, stream=True)
+        assert "".join([chunk.choices[0].text async for chunk in stream if chunk.choices]) == "ok"
+    assert [b["messages"] for b in engine.bodies] == [[{"role": "user", "content": "Say ok."}]] * 2
+
+
+async def test_what_chat_cannot_express_is_refused_before_the_engine(offload: Any) -> None:
+    client, engine = await offload()
+    refuses = "offload mode translates /v1/completions to chat completions, which cannot express"
+    for extra, param, what in (
+        ({"prompt": [9906, 13]}, "prompt", "a prompt of token ids; send it as text"),
+        ({"prompt": ["a", "b"]}, "prompt", "several prompts in one request (got 2); send one per request"),
+        ({"echo": True}, "echo", "echo (the prompt repeated in the answer)"),
+        ({"suffix": "!"}, "suffix", "suffix (text to follow the completion)"),
+        ({"best_of": 2}, "best_of", "best_of=2 (the best of several completions)"),
+        ({"logprobs": 1}, "logprobs", "logprobs=1 (completions-style log probabilities)"),
+    ):
+        resp = await client.post("/v1/completions", json={**COMPLETIONS_TEXT, **extra})
+        assert resp.status == 400
+        error = {"message": f"{param}: {refuses} {what}", "type": "invalid_request_error", "param": param}
+        assert await resp.json() == {"error": {**error, "code": "bad_request"}}
+    assert engine.bodies == []
+
+
+async def test_engine_errors_on_completions_keep_their_status_and_openai_shape(offload: Any) -> None:
+    async def busy(request: web.Request, body: dict[str, Any]) -> web.Response:
+        error = {"message": "too many requests", "type": "RateLimitError", "param": None, "code": 429}
+        return web.json_response({"error": error}, status=429, headers={"Retry-After": "3"})
+
+    client, engine = await offload()
+    engine.behaviour = busy
+    for stream in (False, True):
+        resp = await client.post("/v1/completions", json={**COMPLETIONS_TEXT, "stream": stream})
+        assert resp.status == 429 and resp.headers["Content-Type"] == "application/json"
+        assert resp.headers["Retry-After"] == "3"
+        error = {"message": "too many requests", "type": "RateLimitError", "param": None, "code": None}
+        assert await resp.json() == {"error": error}
+    assert len(engine.bodies) == 2

@@ -18,6 +18,7 @@ import openai
 import orjson
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
+from openai.types import Completion
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -29,14 +30,18 @@ from sidecar.sse import SSEEvent, SSEParser
 from sidecar.translate import (
     StreamTranslator,
     TranslationError,
+    chat_stream_to_completions,
     chat_stream_to_messages,
     chat_stream_to_responses,
+    chat_to_completions,
     chat_to_messages,
     chat_to_responses,
+    completions_to_chat,
 )
 from sidecar.translate import messages_to_chat as translate_messages
 from sidecar.translate import responses_to_chat as translate_responses
 from sidecar.translate.answers import chat_error_to_messages, chat_error_to_responses
+from sidecar.translate.completions import chat_error_to_completions
 
 JSON = dict[str, Any]
 
@@ -219,6 +224,11 @@ class FakeSidecar:
                 frames = run(chat_stream_to_messages(body["model"], "req-1"), self.upstream)
                 return self._sse(frames)
             return httpx2.Response(200, json=chat_to_messages(assembled(self.upstream)))
+        if request.url.path.endswith("/completions"):
+            self.chat_requests.append(completions_to_chat(body))
+            if body.get("stream"):
+                return self._sse(run(chat_stream_to_completions(body["model"], "cmpl-req-1"), self.upstream))
+            return httpx2.Response(200, json=chat_to_completions(assembled(self.upstream), body["model"]))
         self.chat_requests.append(responses_to_chat(body))
         if body.get("stream"):
             return self._sse(run(chat_stream_to_responses(body, "resp_req-1"), self.upstream))
@@ -1373,3 +1383,312 @@ def test_the_sidecars_own_failure_ends_a_stream_in_the_clients_grammar() -> None
     done = chat_stream_to_messages("m", "r")
     run(done, TEXT_STREAM)
     assert done.fail(error) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenAI legacy completions <-> chat
+
+OFFLOAD_REFUSES = "offload mode translates /v1/completions to chat completions, which cannot express"
+HI: JSON = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+
+
+def test_completions_request_as_the_sdk_sends_it() -> None:
+    fake = FakeSidecar(TEXT_STREAM)
+    with fake.openai() as client:
+        completion = client.completions.create(
+            model="qwen2-vl",
+            prompt="Describe a red square.",
+            max_tokens=7,
+            temperature=0.2,
+            top_p=0.9,
+            n=2,
+            stop=["\n\n", "END"],
+            seed=42,
+            presence_penalty=0.5,
+            frequency_penalty=0.25,
+            logit_bias={"50256": -100},
+            user="user-7",
+            extra_body={"top_k": 20, "repetition_penalty": 1.05},
+        )
+    assert fake.chat_requests == [
+        {
+            "model": "qwen2-vl",
+            "messages": [{"role": "user", "content": "Describe a red square."}],
+            "max_tokens": 7,
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "n": 2,
+            "stop": ["\n\n", "END"],
+            "seed": 42,
+            "presence_penalty": 0.5,
+            "frequency_penalty": 0.25,
+            "logit_bias": {"50256": -100},
+            "user": "user-7",
+            "top_k": 20,
+            "repetition_penalty": 1.05,
+        }
+    ]
+    assert (completion.id, completion.object, completion.model) == ("cmpl-abc123", "text_completion", "qwen2-vl")
+    assert [(c.index, c.text, c.logprobs, c.finish_reason) for c in completion.choices] == [
+        (0, "A red square.", None, "stop")
+    ]
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (95, 4)
+
+
+def test_completions_stream_through_the_sdk() -> None:
+    fake = FakeSidecar(TEXT_STREAM)
+    with fake.openai() as client:
+        chunks = list(
+            client.completions.create(
+                model="qwen2-vl",
+                prompt=["Describe a red square."],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    assert fake.chat_requests == [
+        {
+            "model": "qwen2-vl",
+            "messages": [{"role": "user", "content": "Describe a red square."}],
+            "max_tokens": 16,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ]
+    assert {(c.id, c.object) for c in chunks} == {("cmpl-abc123", "text_completion")}
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "A red square."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, None, None, "stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 99
+
+
+def test_completions_prompt_becomes_one_user_message_and_max_tokens_keeps_its_default() -> None:
+    for prompt in ("hi", ["hi"]):
+        assert completions_to_chat({"model": "m", "prompt": prompt}) == HI
+    # An explicit null is the client's own choice (vLLM reads it as "up to the context length").
+    assert completions_to_chat({"model": "m", "prompt": "hi", "max_tokens": None}) == {**HI, "max_tokens": None}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_tokens", 5),
+        ("temperature", 0.0),
+        ("top_p", 0.5),
+        ("n", 3),
+        ("stop", "END"),
+        ("stop", ["a", "b"]),
+        ("seed", 7),
+        ("presence_penalty", -0.5),
+        ("frequency_penalty", 1.5),
+        ("stream", True),
+        ("stream", False),
+        ("stream_options", {"include_usage": True, "continuous_usage_stats": True}),
+        ("user", "user-1"),
+        ("logit_bias", {"1": 5}),
+        # Engine extensions (extra_body), as for the other translations.
+        ("top_k", 40),
+        ("min_p", 0.05),
+        ("repetition_penalty", 1.1),
+        ("ignore_eos", True),
+    ],
+)
+def test_completions_options_are_carried_to_chat(name: str, value: Any) -> None:
+    assert completions_to_chat({"model": "m", "prompt": "hi", name: value}) == {**HI, name: value}
+
+
+def test_completions_only_options_that_ask_for_nothing_are_dropped() -> None:
+    for quiet in ({"echo": False, "suffix": None, "best_of": 1, "logprobs": None}, {"suffix": "", "logprobs": False}):
+        assert completions_to_chat({"model": "m", "prompt": "hi", **quiet}) == HI
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"prompt": [15339, 1917]}, "prompt", f"prompt: {OFFLOAD_REFUSES} a prompt of token ids; send it as text"),
+        ({"prompt": [[15339], [1917]]}, "prompt", f"prompt: {OFFLOAD_REFUSES} a prompt of token ids; send it as text"),
+        (
+            {"prompt": ["a", "b", "c"]},
+            "prompt",
+            f"prompt: {OFFLOAD_REFUSES} several prompts in one request (got 3); send one per request",
+        ),
+        ({"echo": True}, "echo", f"echo: {OFFLOAD_REFUSES} echo (the prompt repeated in the answer)"),
+        ({"suffix": "}\n"}, "suffix", f"suffix: {OFFLOAD_REFUSES} suffix (text to follow the completion)"),
+        ({"best_of": 3}, "best_of", f"best_of: {OFFLOAD_REFUSES} best_of=3 (the best of several completions)"),
+        ({"logprobs": 5}, "logprobs", f"logprobs: {OFFLOAD_REFUSES} logprobs=5 (completions-style log probabilities)"),
+        # 0 still asks for the sampled token's log probability.
+        ({"logprobs": 0}, "logprobs", f"logprobs: {OFFLOAD_REFUSES} logprobs=0 (completions-style log probabilities)"),
+        ({"prompt": None}, "prompt", "prompt: is required"),
+        ({"prompt": []}, "prompt", "prompt: expected a string or an array of exactly one string"),
+    ],
+)
+def test_completions_untranslatable_options_are_refused_by_name(extra: JSON, param: str, message: str) -> None:
+    with pytest.raises(TranslationError) as caught:
+        completions_to_chat({"model": "m", "prompt": "hi", **extra})
+    assert (str(caught.value), caught.value.param) == (message, param)
+
+
+def test_completions_request_is_not_mutated() -> None:
+    body = {"model": "m", "prompt": ["hi"], "stream": True, "stream_options": {"include_usage": True}, "echo": False}
+    before = orjson.dumps(body)
+    completions_to_chat(body)
+    assert orjson.dumps(body) == before
+
+
+def test_chat_to_completions_maps_every_choice() -> None:
+    chat = chat_completion({"role": "assistant", "content": "A red square."}, "stop", stop_reason=None)
+    second = {
+        "index": 1,
+        "message": {"role": "assistant", "content": None},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+    chat["choices"].append(second)
+    chat["system_fingerprint"] = "fp_1"
+    completion = chat_to_completions(chat, "asked-for")
+    assert completion == {
+        "id": "cmpl-xyz",
+        "object": "text_completion",
+        "created": 1718000000,
+        "model": "qwen2-vl",
+        "choices": [
+            {"index": 0, "text": "A red square.", "logprobs": None, "finish_reason": "stop", "stop_reason": None},
+            {"index": 1, "text": "", "logprobs": None, "finish_reason": "length"},
+        ],
+        "system_fingerprint": "fp_1",
+        "usage": {"prompt_tokens": 50, "completion_tokens": 7, "total_tokens": 57},
+    }
+    Completion.model_validate(completion)
+
+
+def test_chat_to_completions_fills_in_what_the_engine_left_out() -> None:
+    completion = chat_to_completions({"choices": [{"message": {"content": "x"}, "finish_reason": "stop"}]}, "asked")
+    assert completion["id"].startswith("cmpl-") and len(completion["id"]) > len("cmpl-")
+    assert (completion["model"], completion["choices"][0]["index"]) == ("asked", 0)
+    assert isinstance(completion["created"], int) and "usage" not in completion
+    Completion.model_validate(completion)
+
+
+def completion_events(frames: list[bytes]) -> list[Any]:
+    """The client's view: unnamed `data:` events, as OpenAI streams them; `[DONE]` as that string."""
+    parsed = SSEParser().feed(b"".join(frames))
+    assert len(parsed) == len(frames) and all(event.event is None for event in parsed)
+    return [event.data if event.data == "[DONE]" else orjson.loads(event.data) for event in parsed]
+
+
+def text_choice(text: str, finish_reason: str | None = None, index: int = 0, **extra: Any) -> JSON:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, **extra}
+
+
+def test_completions_stream_maps_each_chunk_and_keeps_done() -> None:
+    payloads = completion_events(run(chat_stream_to_completions("asked-for", "cmpl-own"), TEXT_STREAM))
+    head = {"id": "cmpl-abc123", "object": "text_completion", "created": 1718000000, "model": "qwen2-vl"}
+    assert payloads == [
+        {**head, "choices": [text_choice("")]},
+        {**head, "choices": [text_choice("A red")]},
+        {**head, "choices": [text_choice(" square.")]},
+        {**head, "choices": [text_choice("", "stop", stop_reason=None)]},
+        {**head, "choices": [], "usage": {"prompt_tokens": 95, "total_tokens": 99, "completion_tokens": 4}},
+        "[DONE]",
+    ]
+    whole = chat_to_completions(assembled(TEXT_STREAM), "asked-for")
+    assert "".join(c["text"] for p in payloads[:-1] for c in p["choices"]) == whole["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "last"),
+    [
+        (LENGTH_STREAM, text_choice(" a", "length", stop_reason=None)),
+        (STOP_STRING_STREAM, text_choice("", "stop", stop_reason="END")),
+    ],
+)
+def test_completions_stream_carries_the_finish_reason(raw: bytes, last: JSON) -> None:
+    payloads = completion_events(run(chat_stream_to_completions("m", "cmpl-x"), raw))
+    assert payloads[-1] == "[DONE]"
+    assert [p["choices"][-1] for p in payloads[:-1] if p["choices"]][-1] == last
+
+
+def test_completions_stream_without_ids_or_done_keeps_one_id_and_still_completes() -> None:
+    # Two choices (n=2), no id or model from the engine, and no [DONE].
+    raw = (
+        b'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null},'
+        b'{"index":1,"delta":{"content":"b"},"finish_reason":null}]}\n\n'
+        b'data: {"object":"chat.completion.chunk","choices":[{"index":1,"delta":{},"finish_reason":"stop"},'
+        b'{"index":0,"delta":{},"finish_reason":"length"}]}\n\n'
+    )
+    payloads = completion_events(run(chat_stream_to_completions("asked-for", "cmpl-own"), raw))
+    assert payloads[-1] == "[DONE]"
+    chunks = payloads[:-1]
+    assert {(p["id"], p["model"]) for p in chunks} == {("cmpl-own", "asked-for")}
+    assert [p["choices"] for p in chunks] == [
+        [text_choice("a"), text_choice("b", index=1)],
+        [text_choice("", "stop", index=1), text_choice("", "length")],
+    ]
+
+
+def _cut(raw: bytes) -> bytes:
+    return raw[: raw.index(b'" square."')].rsplit(b"\n\n", 1)[0] + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (ERROR_STREAM, {"message": "EngineCore died unexpectedly", "type": "InternalServerError"}),
+        (b'data: {"error":{"message":"bad n","code":400}}\n\n', {"message": "bad n", "type": "invalid_request_error"}),
+        (
+            b'event: error\ndata: {"message":"overloaded","code":503}\n\n',
+            {"message": "overloaded", "type": "server_error"},
+        ),
+        (b"event: error\ndata: plain text failure\n\n", {"message": "plain text failure", "type": "server_error"}),
+        (b"data: {not json\n\n", {"message": "upstream sent malformed JSON: '{not json'", "type": "server_error"}),
+        (b"data: [DONE]\n\n", {"message": "upstream stream ended without any chunk", "type": "server_error"}),
+        (b"", {"message": "upstream stream ended before the answer was complete", "type": "server_error"}),
+        (
+            _cut(TEXT_STREAM),
+            {"message": "upstream stream ended before the answer was complete", "type": "server_error"},
+        ),
+    ],
+)
+def test_completions_stream_failures_end_in_one_openai_error_event(raw: bytes, error: JSON) -> None:
+    translator = chat_stream_to_completions("m", "cmpl-x")
+    payloads = completion_events(run(translator, raw))
+    # Last, and nothing after it: not even the engine's [DONE] that followed its in-band error.
+    assert payloads[-1] == {"error": {**error, "param": None, "code": None}}
+    assert all(isinstance(p, dict) and "error" not in p for p in payloads[:-1])
+    assert translator.finish() == [] and translator.feed(SSEEvent(None, "[DONE]")) == []
+
+
+def test_completions_stream_error_reaches_the_sdk_as_an_exception() -> None:
+    fake = FakeSidecar(ERROR_STREAM)
+    with fake.openai() as client:
+        stream = client.completions.create(model="m", prompt="hi", stream=True)
+        texts: list[str] = []
+        with pytest.raises(openai.APIError) as caught:
+            texts.extend(chunk.choices[0].text for chunk in stream)
+    assert texts == ["Half an"]
+    assert caught.value.message == "EngineCore died unexpectedly"
+
+
+def test_the_sidecars_own_failure_ends_a_completions_stream_in_openai_form() -> None:
+    error = SidecarError(Cause.UPSTREAM_BAD_RESPONSE, "the engine broke off the stream: gone")
+    translator = chat_stream_to_completions("m", "cmpl-x")
+    frames = [frame for event in events(_cut(TEXT_STREAM)) for frame in translator.feed(event)]
+    payloads = completion_events(frames + translator.fail(error))
+    assert payloads[-1] == {
+        "error": {"message": error.message, "type": "upstream_error", "param": None, "code": "upstream_bad_response"}
+    }
+    assert translator.fail(error) == [] and translator.finish() == []
+    done = chat_stream_to_completions("m", "cmpl-x")
+    run(done, TEXT_STREAM)
+    assert done.fail(error) == []
+
+
+def test_engine_error_answers_keep_openais_shape_for_completions() -> None:
+    assert chat_error_to_completions(400, VLLM_ERROR) == {
+        "error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": None, "code": None}
+    }
+    openai_style = {"error": {"message": "m", "type": "invalid_request_error", "param": "prompt", "code": "bad"}}
+    assert chat_error_to_completions(400, openai_style) == openai_style
+    assert chat_error_to_completions(502, "Bad Gateway") == {
+        "error": {"message": "Bad Gateway", "type": "server_error", "param": None, "code": None}
+    }

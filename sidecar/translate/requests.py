@@ -22,7 +22,12 @@ PartForm = Callable[[JSON, str], JSON]
 
 
 class TranslationError(ValueError):
-    """A request field cannot be expressed as chat completions. The message starts with the field's path."""
+    """A request field cannot be expressed as chat completions. The message starts with the field's path;
+    ``param`` is that path too where the translator sets it (the OpenAI error's ``param``)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def _untranslatable(path: str, value: Any) -> TranslationError:
