@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+import json
 import os
+import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -170,3 +178,47 @@ class FakeResolver(AbstractResolver):
 
     async def close(self) -> None:
         pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def engine_process(args: Sequence[str], log_path: Path, timeout_s: float = 120) -> Iterator[str]:
+    """`mm-sidecar engine ARGS --port P` as a process (one thread, CPU), healthy on entry: its URL.
+
+    Stopped with SIGTERM (SIGKILL after 30 s) on exit; its output goes to `log_path`, whose tail a
+    failed start reports."""
+    port = free_port()
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mm_sidecar.cli", "engine", *args, "--port", str(port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+                    json.load(resp)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise AssertionError(f"engine did not start (exit {proc.poll()}):\n{tail}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

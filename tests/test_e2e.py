@@ -18,12 +18,6 @@ import io
 import json
 import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,14 +34,7 @@ from preprocess.protocol import DESCRIPTOR_ERROR, TensorDescriptor
 from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, STATE
 
-from .conftest import assert_invariant, make_config
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from .conftest import assert_invariant, engine_process, make_config
 
 
 @pytest.fixture(scope="module")
@@ -55,45 +42,9 @@ def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from engine.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mm_sidecar.cli",
-            "engine",
-            "--model",
-            str(model),
-            "--tp",
-            "2",
-            "--port",
-            str(port),
-            "--report-checksums",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                    json.load(resp)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"engine did not start (exit {proc.poll()})") from None
-                time.sleep(0.2)
+    log = tmp_path_factory.mktemp("engine") / "engine.log"
+    with engine_process(["--model", str(model), "--tp", "2", "--report-checksums"], log) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def jpeg(width: int, height: int, seed: int) -> bytes:

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,21 +21,12 @@ import pytest
 
 from engine.tiny import ensure_tiny_model
 
+from .conftest import engine_process
+
 START_TIMEOUT_S = 120
 # Enough tokens that generating them takes many times what the prompt does (about 2 ms each here).
 LONG = 200
 HELLO: list[dict[str, Any]] = [{"role": "user", "content": "hello"}]
-LAUNCH = (
-    "import sys; from engine.launch import EngineConfig, run_engine; "
-    "sys.exit(run_engine(EngineConfig(model=sys.argv[1], tp=1, port=int(sys.argv[2]))))"
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -51,36 +36,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("engine") / "engine.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, str(tiny_dir), str(port)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                    json.load(resp)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log_path.read_text(errors="replace")[-2000:]
-                    raise AssertionError(f"engine did not start (exit {proc.poll()}):\n{tail}") from None
-                time.sleep(0.1)
+    log = tmp_path_factory.mktemp("engine") / "engine.log"
+    with engine_process(["--model", str(tiny_dir), "--tp", "1"], log, START_TIMEOUT_S) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

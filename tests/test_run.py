@@ -22,8 +22,7 @@ from typing import Any
 
 import yaml
 
-from .conftest import image_bytes
-from .test_e2e import free_port
+from .conftest import free_port, image_bytes
 
 
 def _children(pid: int) -> list[int]:
