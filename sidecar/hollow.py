@@ -189,10 +189,6 @@ def joined(body: bytes | tuple[Piece, ...]) -> bytes:
     return body if isinstance(body, bytes) else b"".join(body)
 
 
-def body_size(body: bytes | tuple[Piece, ...]) -> int:
-    return len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
-
-
 @dataclass(slots=True)
 class Parsed:
     data: dict[str, Any]
@@ -273,7 +269,6 @@ __all__ = [
     "Piece",
     "Texts",
     "background_executor",
-    "body_size",
     "find_runs",
     "joined",
     "parse_body",
