@@ -32,6 +32,8 @@ from typing import Any, Final
 __all__ = [
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
+    "TINY_MODEL_NAME",
+    "default_model_dir",
     "ensure_tiny_model",
     "make_tiny_model",
 ]
@@ -94,11 +96,22 @@ _CORPUS: Final[tuple[str, ...]] = (
 _PRESET: Final[Path] = Path(__file__).resolve().parent.parent / "config" / "processors" / "qwen2-vl"
 _PREPROCESSOR_CONFIG: Final[str] = "preprocessor_config.json"
 
-# Text model: head_dim = 64 / 4 = 16, so mrope_section must sum to 8.
-_HIDDEN: Final[int] = 64
+# Text model: head_dim = 128 / 4 = 32, so mrope_section must sum to 16. 32 is the smallest head_dim
+# vLLM's CPU attention accepts (FACTS.md): with 16 its first request kills the engine. Four heads and
+# two key/value heads keep two-rank tensor parallelism possible in the reference engine.
+_HIDDEN: Final[int] = 128
 _HEADS: Final[int] = 4
 _KV_HEADS: Final[int] = 2
-_MROPE_SECTION: Final[list[int]] = [2, 3, 3]
+_MROPE_SECTION: Final[list[int]] = [4, 6, 6]
+
+# Bumped whenever the checkpoint's shape changes, so a cached copy of an older shape is not reused.
+TINY_MODEL_NAME: Final[str] = "tiny-qwen2-vl-h32"
+
+
+def default_model_dir() -> Path:
+    """Where `run`, the benchmarks and the vLLM tier keep the tiny checkpoint (built on first use)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mm-sidecar" / TINY_MODEL_NAME
 
 
 def _train_tokenizer() -> Any:
@@ -147,7 +160,7 @@ def _config(vocab_size: int, preprocessor: dict[str, Any]) -> Any:
         text_config={
             "vocab_size": vocab_size,
             "hidden_size": _HIDDEN,
-            "intermediate_size": 128,
+            "intermediate_size": 256,
             "num_hidden_layers": 2,
             "num_attention_heads": _HEADS,
             "num_key_value_heads": _KV_HEADS,

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from engine.tiny import default_model_dir
 from sidecar import cli as sidecar_cli
 from sidecar import config as cfg
 
-from .run import RestartPolicy, default_model_dir, run_main_job
+from .run import RestartPolicy, run_main_job
 
 
 def _size(text: str) -> int:

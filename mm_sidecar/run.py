@@ -49,11 +49,6 @@ class RestartPolicy:
     healthy_reset_s: float = 60.0  # healthy this long: the next crash starts the backoff over
 
 
-def default_model_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "mm-sidecar" / "tiny-qwen2-vl"
-
-
 class EngineSupervisor:
     """One engine process at a time, restarted with backoff while the sidecar runs."""
 
