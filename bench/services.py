@@ -71,7 +71,13 @@ def _python() -> str:
 
 
 def start_service(
-    name: str, argv: Sequence[str], url: str, log_dir: Path, *, cpus: frozenset[int] | None = None
+    name: str,
+    argv: Sequence[str],
+    url: str,
+    log_dir: Path,
+    *,
+    cpus: frozenset[int] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Service:
     """`argv` as a service in its own session; on `cpus` only when given (its children inherit them)."""
     log_path = log_dir / f"{name}.log"
@@ -82,7 +88,7 @@ def start_service(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env={**os.environ, **CHILD_ENV},
+            env={**os.environ, **CHILD_ENV, **(env or {})},
             start_new_session=True,  # its own process group: stop() can reach every descendant
         )
     if cpus is not None:
@@ -152,13 +158,8 @@ def stop_service(service: Service, timeout_s: float = _STOP_TIMEOUT_S) -> None:
         time.sleep(0.05)
 
 
-def default_model_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "mm-sidecar" / "tiny-qwen2-vl"
-
-
 def ensure_model(directory: str | None) -> Path:
-    from engine.tiny import ensure_tiny_model  # noqa: PLC0415 - imports transformers
+    from engine.tiny import default_model_dir, ensure_tiny_model  # noqa: PLC0415
 
     return ensure_tiny_model(Path(directory) if directory else default_model_dir())
 
@@ -182,6 +183,52 @@ def engine(
     argv += ["--model", str(model_dir), "--tp", str(tp), "--port", str(port)]
     service = start_service(f"engine-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus)
     with _running(service, "/health", start_timeout_s if wait else None):
+        yield service
+
+
+VLLM_MODEL_NAME = "tiny"
+
+
+def vllm_python() -> str:
+    """The interpreter that has vLLM: $MM_SIDECAR_VLLM_PYTHON (a GPU user's own CUDA vLLM), else the
+    project's .venv-vllm (`make vllm-env`)."""
+    configured = os.environ.get("MM_SIDECAR_VLLM_PYTHON")
+    if configured:
+        return configured
+    local = REPO / ".venv-vllm" / "bin" / "python"
+    if not local.exists():
+        raise RuntimeError(f"no vLLM: {local} is missing (run `make vllm-env`) and MM_SIDECAR_VLLM_PYTHON is unset")
+    return str(local)
+
+
+@contextlib.contextmanager
+def vllm(
+    model_dir: Path,
+    log_dir: Path,
+    *,
+    processor_cache_gb: float | None = 0,
+    kv_cache_gb: float = 2,
+    max_model_len: int = 8192,
+    images_per_prompt: int = 2,
+    start_timeout_s: float = 300,
+    cpus: frozenset[int] | None = None,
+) -> Iterator[Service]:
+    """vLLM's OpenAI server (API server, EngineCore, CPU worker) on `model_dir`, served as "tiny".
+
+    `processor_cache_gb=0` turns vLLM's multimodal processor cache off: it keeps every image's inputs
+    (4 GiB by default) whatever the gate, which would hide what the gate bounds; None keeps vLLM's
+    default. The recipe and its pitfalls are in FACTS.md.
+    """
+    port = free_port()
+    argv = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    argv += ["--served-model-name", VLLM_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--max-model-len", str(max_model_len), "--dtype", "float32", "--enforce-eager"]
+    argv += ["--limit-mm-per-prompt", orjson.dumps({"image": images_per_prompt}).decode()]
+    if processor_cache_gb is not None:
+        argv += ["--mm-processor-cache-gb", str(processor_cache_gb)]
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_NO_USAGE_STATS": "1"}
+    service = start_service(f"vllm-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus, env=env)
+    with _running(service, "/health", start_timeout_s):
         yield service
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -40,6 +41,8 @@ from .gate import Lease
 from .metrics import Metrics
 from .sse import SSEParser
 from .translate import StreamTranslator
+
+log = logging.getLogger("mm_sidecar.upstream")
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus those aiohttp computes itself on each side.
 _HOP_BY_HOP = frozenset(
@@ -178,6 +181,13 @@ class ResponseTransform(Protocol):
         ...
 
 
+def _logged(fwd: Forward, cause: Cause, message: str) -> SidecarError:
+    """The engine failed this request (gone, crashed, stalled): one log line per request, because the
+    operator sees nothing else of it (the client got a 5xx or an in-band error event)."""
+    log.warning("%s %r (request %s): %s", fwd.method, fwd.path_qs[:200], fwd.request_id, message)
+    return SidecarError(cause, message)
+
+
 class Upstream:
     """The engine's address and the one ClientSession used to reach it."""
 
@@ -235,15 +245,16 @@ class Upstream:
                 )
         except aiohttp.ClientConnectorError as exc:
             self.metrics.upstream_status(None)
-            raise SidecarError(Cause.UPSTREAM_UNAVAILABLE, f"cannot connect to the engine: {exc.os_error}") from exc
+            raise _logged(fwd, Cause.UPSTREAM_UNAVAILABLE, f"cannot connect to the engine: {exc.os_error}") from exc
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             self.metrics.upstream_status(None)
-            raise SidecarError(Cause.UPSTREAM_UNAVAILABLE, f"the engine closed the connection: {exc}") from exc
+            raise _logged(fwd, Cause.UPSTREAM_UNAVAILABLE, f"the engine closed the connection: {exc}") from exc
         except TimeoutError as exc:  # our deadline or aiohttp's connect timeout
             self.metrics.upstream_status(None)
             if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-                raise self._ack_timeout() from exc
-            raise SidecarError(Cause.UPSTREAM_TIMEOUT, f"the engine did not answer in time: {exc}") from exc
+                error = self._ack_timeout()
+                raise _logged(fwd, error.cause, error.message) from exc
+            raise _logged(fwd, Cause.UPSTREAM_TIMEOUT, f"the engine did not answer in time: {exc}") from exc
         self.metrics.upstream_status(resp.status)
         try:
             yield resp
@@ -265,7 +276,7 @@ class Upstream:
                 else:
                     first = await resp.content.readany()
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off its answer: {exc}") from exc
+                raise _logged(fwd, Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off its answer: {exc}") from exc
             if fwd.transform is not None and resp.status >= 400:
                 return await self._translated_error(resp, fwd, fwd.transform, first)
             if isinstance(first, _Whole):
@@ -309,8 +320,8 @@ class Upstream:
                 await out.write(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             # Status already sent: report in-band, as the engines themselves do.
+            error = _logged(fwd, Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off the stream: {exc}")
             if sse:
-                error = SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off the stream: {exc}")
                 with contextlib.suppress(ConnectionError):
                     await out.write(error_event(fwd.family, error))
             self.metrics.upstream_status(None)
@@ -327,7 +338,7 @@ class Upstream:
     async def _assembled(self, resp: aiohttp.ClientResponse, fwd: Forward, first: bytes) -> web.Response:
         assert fwd.assemble is not None  # the caller checked
         parser = SSEParser()
-        assembler = assembler_for(fwd.assemble)
+        assembler = assembler_for(fwd.assemble, self.config.engine)
         try:
             for event in parser.feed(first):
                 assembler.add(event)
@@ -340,7 +351,7 @@ class Upstream:
         except StreamError as exc:
             raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine's answer failed: {exc}") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off its answer: {exc}") from exc
+            raise _logged(fwd, Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off its answer: {exc}") from exc
         except TimeoutError as exc:
             raise SidecarError(
                 Cause.UPSTREAM_TIMEOUT, "the engine went silent longer than upstream.read_timeout_s"
@@ -391,7 +402,7 @@ class Upstream:
                 await stream.write(frame)
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             # Status already sent: in-band, in the client's grammar (not `error_event`'s chat form).
-            error = SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off the stream: {exc}")
+            error = _logged(fwd, Cause.UPSTREAM_BAD_RESPONSE, f"the engine broke off the stream: {exc}")
             await _write_quietly(stream, translator.fail(error))
             self.metrics.upstream_status(None)
         except TimeoutError:

@@ -222,3 +222,15 @@ def engine_process(args: Sequence[str], log_path: Path, timeout_s: float = 120) 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Real vLLM (`make vllm-env`) on the tiny model, one instance for the whole test run, started by the
+    first test that asks for it. Its processor cache is off, so every request is preprocessed afresh."""
+    from bench.services import vllm
+    from engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
+
+    model = ensure_tiny_model(tmp_path_factory.mktemp("models") / TINY_MODEL_NAME)
+    with vllm(model, tmp_path_factory.mktemp("vllm-logs")) as service:
+        yield service
