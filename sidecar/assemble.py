@@ -1,14 +1,23 @@
 """Re-assembly of an upstream SSE stream into the non-streaming JSON answer a client asked for.
 
-The sidecar sends every non-streaming request upstream as a streaming one, so that the engine's first
-chunk can serve as its acknowledgement. This module owns the two payload-level halves of that trick,
+The sidecar sends a non-streaming multimodal request upstream as a streaming one, so that the engine's
+first chunk can serve as its acknowledgement. This module owns the payload-level halves of that trick,
 for the four API kinds the sidecar fronts (OpenAI chat completions, legacy completions, Responses, and
 Anthropic Messages):
 
+* :func:`can_upgrade` decides whether a request may go as a stream at all: not when the stream form cannot
+  express what the client asked for (:func:`upgrade_refusal` says why);
 * :func:`upgrade_request` rewrites the request body to ask for a stream (plus usage, where the API only
   reports usage in streams on request);
 * :func:`assembler_for` returns an :class:`Assembler` that folds the parsed :class:`~sidecar.sse.SSEEvent`
-  sequence back into the object the API would have returned without streaming.
+  sequence back into the object the API would have returned without streaming, in the engine's
+  non-streaming shape (:mod:`sidecar.answer_shapes`).
+
+The rule: a non-streaming answer through the sidecar equals, field for field, what the engine answers
+directly to the same request, but for ids and creation times. Fields the assemblers do not know are
+carried through: top-level chunk fields (last non-null value wins: they repeat per chunk, as vLLM's
+`prompt_token_ids` does once per choice) and choice-level ones (lists extend, as per-token `token_ids`
+do; other values last non-null wins); delta-level ones as described at :class:`_ChatAssembler`.
 
 It does no I/O. Whatever the upstream sends, the assemblers raise nothing but :class:`StreamError`: an
 error the engine reported in-band, a malformed event (bad JSON, wrong JSON types), or a stream that ended
@@ -23,6 +32,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import orjson
 
+from sidecar.answer_shapes import Engine, shape_answer
 from sidecar.sse import SSEEvent
 
 __all__ = [
@@ -31,6 +41,7 @@ __all__ = [
     "StreamError",
     "assembler_for",
     "can_upgrade",
+    "upgrade_refusal",
     "upgrade_request",
 ]
 
@@ -58,14 +69,64 @@ class StreamError(Exception):
 # Request side
 
 
-def can_upgrade(kind: Kind, body: dict[str, Any]) -> bool:
-    """Whether the request should be upgraded: False when the client already asked for a stream.
+# Responses `include` entry that asks for output logprobs.
+_RESPONSES_LOGPROBS = "message.output_text.logprobs"
 
-    ``kind`` is unused today (all four kinds support streaming) but is part of the signature so that a
-    kind without a streaming form can be added without touching callers.
+
+def upgrade_refusal(kind: Kind, body: dict[str, Any]) -> str | None:
+    """Why the request must go upstream as the client sent it, or None when it may be upgraded.
+
+    A request is not upgraded when its stream cannot express the answer the engine gives without one
+    (each rule names the vLLM 0.32 source it comes from, under ``vllm/entrypoints``); it then holds
+    its gate slot until its whole answer arrives. The rules hold whatever ``upstream.engine`` says: an
+    engine without the option ignores it, and the request only loses the early ack.
     """
-    del kind
-    return not body.get("stream")
+    if body.get("stream"):
+        return "the client asked for a stream"
+    if kind != "responses":
+        # Disaggregated prefill (kv) and encoding (ec): the engine's transfer parameters come back in
+        # the non-streaming answer only (chat_completion/serving.py chat_completion_full_generator,
+        # completion/serving.py request_output_to_completion_response, anthropic/serving.py
+        # messages_full_converter); no chunk model has the fields. A Responses stream's terminal
+        # response has them (responses/context.py keeps each output's).
+        for option in ("kv_transfer_params", "ec_transfer_params"):
+            if body.get(option) is not None:
+                return f"{option}: the engine returns its transfer parameters in non-streaming answers only"
+    if kind in ("chat", "completions"):
+        if body.get("stream_options"):
+            # Refused without a stream (chat_completion/protocol.py, completion/protocol.py
+            # validate_stream_options): the client gets the engine's 400, not an answer.
+            return "stream_options: the engine refuses it on a non-streaming request"
+        if body.get("prompt_logprobs") is not None:
+            # Refused on a stream when > 0 or -1 (protocol.py check_logprobs), and 0 still returns a list
+            # in the non-streaming answer that no stream chunk carries.
+            return "prompt_logprobs: the stream form has no prompt logprobs"
+        if body.get("echo"):
+            # Echo turns prompt logprobs on (protocol.py to_sampling_params: prompt_logprobs = top_logprobs
+            # or logprobs) and they are answered without a stream only; chat's streamed echo also sends
+            # a list-of-parts content raw where the answer joins its texts.
+            return "echo: the echoed prompt's logprobs exist in the non-streaming answer only"
+        if body.get("use_beam_search"):
+            # Refused on a completions stream (completion/serving.py); a beam search answers at its end
+            # anyway, so a stream would not ack it early.
+            return "use_beam_search: the engine answers a beam search only once it is over"
+    if kind == "responses":
+        if body.get("background"):
+            # A background request is answered at once with a queued response (responses/serving.py);
+            # assembled from a stream it would become the completed one.
+            return "background: the answer is the queued response, not the finished one"
+        include = body.get("include")
+        if isinstance(include, list) and _RESPONSES_LOGPROBS in include:
+            # The stream skips every token whose text is empty (responses/serving.py
+            # _process_simple_streaming_events, streaming_events.py resolve_target_state), so the
+            # terminal response loses those tokens' logprobs.
+            return "include message.output_text.logprobs: the stream drops the logprobs of empty-text tokens"
+    return None
+
+
+def can_upgrade(kind: Kind, body: dict[str, Any]) -> bool:
+    """Whether a non-streaming request may go upstream as a stream (see :func:`upgrade_refusal`)."""
+    return upgrade_refusal(kind, body) is None
 
 
 def upgrade_request(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +248,22 @@ def _copy_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: list(v) if isinstance(v, list) else v for k, v in logprobs.items()}
 
 
+def _carry(acc: dict[str, Any], key: str, value: Any, *, extend: bool) -> None:
+    """Fold one chunk's value of a field the assembler does not know into ``acc``.
+
+    A null keeps the key (null) without erasing an earlier value; a list extends the lists before it
+    when ``extend`` (choice-level fields are per-token deltas); anything else is the latest value.
+    """
+    if value is None:
+        acc.setdefault(key, None)
+        return
+    previous = acc.get(key)
+    if extend and isinstance(value, list) and isinstance(previous, list):
+        previous.extend(value)
+    else:
+        acc[key] = list(value) if extend and isinstance(value, list) else value
+
+
 # --------------------------------------------------------------------------------------------------
 # Assemblers
 
@@ -217,8 +294,9 @@ class _Base:
 
     kind: ClassVar[Kind]
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine = "generic") -> None:
         self._done = False
+        self._engine: Engine = engine
 
     @property
     def done(self) -> bool:
@@ -236,7 +314,7 @@ class _Base:
 
     def result(self) -> dict[str, Any]:
         try:
-            return self._result()
+            return shape_answer(self.kind, self._engine, self._result())
         except StreamError:
             raise
         except Exception as exc:
@@ -254,11 +332,12 @@ class _OpenAIChunks(_Base):
 
     object_name: ClassVar[str]
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine = "generic") -> None:
+        super().__init__(engine)
         self._chunks = 0
         self._meta: dict[str, Any] = {}
         self._usage: dict[str, Any] | None = None
+        self._extra: dict[str, Any] = {}  # top-level fields this code does not know, carried through
 
     def _add(self, event: SSEEvent) -> None:
         data = event.data.strip()
@@ -285,6 +364,10 @@ class _OpenAIChunks(_Base):
         if usage is not None:
             # Last one wins: with vLLM's continuous_usage_stats every chunk carries a running total.
             self._usage = _obj(usage, "usage")
+        for key, value in chunk.items():
+            if key not in _CHUNK_KNOWN:
+                # Response-level values repeat (vLLM sends prompt_token_ids once per choice): never extended.
+                _carry(self._extra, key, value, extend=False)
         choices = chunk.get("choices")
         for raw in [] if choices is None else _list(choices, "choices"):
             choice = _obj(raw, "choice")
@@ -318,7 +401,18 @@ class _OpenAIChunks(_Base):
         for key in ("system_fingerprint", "service_tier"):
             if key in self._meta:
                 result[key] = self._meta[key]
+        for key, value in self._extra.items():
+            result.setdefault(key, value)
         return result
+
+
+# Top-level chunk fields folded explicitly; any other is carried through (`_carry`).
+_CHUNK_KNOWN = frozenset(
+    ("id", "object", "created", "model", "system_fingerprint", "service_tier", "usage", "choices", "error")
+)
+# Choice-level fields folded explicitly, per kind; any other is carried through.
+_CHAT_KNOWN_CHOICE = frozenset(("index", "delta", "logprobs", "finish_reason", "stop_reason"))
+_TEXT_KNOWN_CHOICE = frozenset(("index", "text", "logprobs", "finish_reason", "stop_reason"))
 
 
 @dataclass(slots=True)
@@ -374,14 +468,18 @@ class _ChatChoice:
     has_stop_reason: bool = False
     stop_reason: Any = None
     logprobs: dict[str, Any] | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # choice-level fields carried through
 
 
 class _ChatAssembler(_OpenAIChunks):
+    """Chat chunks. Delta fields it does not know are carried into the message: text concatenates,
+    lists extend, anything else last-wins."""
+
     kind: ClassVar[Kind] = "chat"
     object_name: ClassVar[str] = "chat.completion"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine = "generic") -> None:
+        super().__init__(engine)
         self._by_index: dict[int, _ChatChoice] = {}
 
     def _add_choice(self, index: int, choice: dict[str, Any]) -> None:
@@ -414,6 +512,9 @@ class _ChatAssembler(_OpenAIChunks):
             if choice["stop_reason"] is not None:
                 acc.stop_reason = choice["stop_reason"]
         acc.logprobs = _merge_logprobs(acc.logprobs, choice.get("logprobs"), "logprobs")
+        for key, value in choice.items():
+            if key not in _CHAT_KNOWN_CHOICE:
+                _carry(acc.fields, key, value, extend=True)  # vLLM's per-token token_ids
 
     @staticmethod
     def _add_tool_call(acc: _ChatChoice, fragment: dict[str, Any]) -> None:
@@ -459,8 +560,15 @@ class _ChatAssembler(_OpenAIChunks):
             }
             if acc.has_stop_reason:
                 out["stop_reason"] = acc.stop_reason
+            for key, value in acc.fields.items():
+                out.setdefault(key, _copy_value(value))
             choices.append(out)
         return choices
+
+
+def _copy_value(value: Any) -> Any:
+    """A carried list is copied, so that a result never shares the assembler's accumulators."""
+    return list(value) if isinstance(value, list) else value
 
 
 @dataclass(slots=True)
@@ -470,14 +578,15 @@ class _TextChoice:
     has_stop_reason: bool = False
     stop_reason: Any = None
     logprobs: dict[str, Any] | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # choice-level fields carried through
 
 
 class _CompletionsAssembler(_OpenAIChunks):
     kind: ClassVar[Kind] = "completions"
     object_name: ClassVar[str] = "text_completion"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine = "generic") -> None:
+        super().__init__(engine)
         self._by_index: dict[int, _TextChoice] = {}
 
     def _add_choice(self, index: int, choice: dict[str, Any]) -> None:
@@ -492,6 +601,9 @@ class _CompletionsAssembler(_OpenAIChunks):
             if choice["stop_reason"] is not None:
                 acc.stop_reason = choice["stop_reason"]
         acc.logprobs = _merge_logprobs(acc.logprobs, choice.get("logprobs"), "logprobs")
+        for key, value in choice.items():
+            if key not in _TEXT_KNOWN_CHOICE:
+                _carry(acc.fields, key, value, extend=True)  # vLLM's token_ids, prompt_token_ids
 
     def _all_finished(self) -> bool:
         return bool(self._by_index) and all(c.finish_reason is not None for c in self._by_index.values())
@@ -508,6 +620,8 @@ class _CompletionsAssembler(_OpenAIChunks):
             }
             if acc.has_stop_reason:
                 out["stop_reason"] = acc.stop_reason
+            for key, value in acc.fields.items():
+                out.setdefault(key, _copy_value(value))
             choices.append(out)
         return choices
 
@@ -520,8 +634,8 @@ class _ResponsesAssembler(_Base):
 
     kind: ClassVar[Kind] = "responses"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine = "generic") -> None:
+        super().__init__(engine)
         self._response: dict[str, Any] | None = None
 
     def _add(self, event: SSEEvent) -> None:
@@ -595,8 +709,8 @@ _MESSAGES_TEXT_DELTAS = {
 class _MessagesAssembler(_Base):
     kind: ClassVar[Kind] = "messages"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine = "generic") -> None:
+        super().__init__(engine)
         self._message: dict[str, Any] | None = None
         self._blocks: dict[int, _Block] = {}
 
@@ -696,10 +810,11 @@ _ASSEMBLERS: dict[str, type[_Base]] = {
 }
 
 
-def assembler_for(kind: Kind) -> Assembler:
-    """A fresh assembler for one stream of the given API kind."""
+def assembler_for(kind: Kind, engine: Engine = "generic") -> Assembler:
+    """A fresh assembler for one stream of the given API kind, its result in `engine`'s non-streaming
+    answer shape (see :mod:`sidecar.answer_shapes`)."""
     try:
         cls = _ASSEMBLERS[kind]
     except KeyError:
         raise ValueError(f"unknown API kind {kind!r}") from None
-    return cls()
+    return cls(engine)

@@ -146,6 +146,13 @@ class UpstreamConfig:
     stream_upgrade: bool = field(
         default=True, metadata=_bounds(doc="send non-streaming multimodal requests upstream as streams")
     )
+    engine: Literal["generic", "vllm"] = field(
+        default="generic",
+        metadata=_bounds(
+            doc="the engine's non-streaming answer shape, given to answers re-assembled from streams "
+            "(vllm: vLLM 0.32's keys; generic: what the stream carried)"
+        ),
+    )
     health_path: str = field(default="/health", metadata=_bounds(doc="engine path probed by /readyz"))
     max_connections: int = field(default=1024, metadata=_bounds(ge=1, doc="connection pool size to the engine"))
 

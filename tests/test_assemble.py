@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from pathlib import Path
+from typing import Any, get_args
 
 import orjson
 import pytest
@@ -12,13 +14,14 @@ from hypothesis import strategies as st
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from sidecar.assemble import Kind, StreamError, assembler_for, can_upgrade, upgrade_request
+from sidecar.answer_shapes import Engine
+from sidecar.assemble import Kind, StreamError, assembler_for, can_upgrade, upgrade_refusal, upgrade_request
 from sidecar.sse import SSEEvent, SSEParser
 
 
-def assemble(kind: Kind, body: bytes, chunk_size: int | None = None) -> dict[str, Any]:
+def assemble(kind: Kind, body: bytes, chunk_size: int | None = None, engine: Engine = "generic") -> dict[str, Any]:
     parser = SSEParser()
-    assembler = assembler_for(kind)
+    assembler = assembler_for(kind, engine)
     step = chunk_size or len(body) or 1
     for start in range(0, len(body), step):
         for event in parser.feed(body[start : start + step]):
@@ -28,10 +31,10 @@ def assemble(kind: Kind, body: bytes, chunk_size: int | None = None) -> dict[str
     return assembler.result()
 
 
-def assemble_all_ways(kind: Kind, body: bytes) -> dict[str, Any]:
+def assemble_all_ways(kind: Kind, body: bytes, engine: Engine = "generic") -> dict[str, Any]:
     """Assemble whole and in 7-byte chunks; the answer must not depend on network chunking."""
-    whole = assemble(kind, body)
-    assert assemble(kind, body, chunk_size=7) == whole
+    whole = assemble(kind, body, engine=engine)
+    assert assemble(kind, body, chunk_size=7, engine=engine) == whole
     return whole
 
 
@@ -1149,9 +1152,13 @@ _JSON = st.recursive(
 
 
 @settings(max_examples=400, deadline=None)
-@given(kind=st.sampled_from(["chat", "completions", "responses", "messages"]), payloads=st.lists(_JSON, max_size=8))
-def test_fuzz_only_stream_error(kind: Kind, payloads: list[Any]) -> None:
-    assembler = assembler_for(kind)
+@given(
+    kind=st.sampled_from(["chat", "completions", "responses", "messages"]),
+    engine=st.sampled_from(get_args(Engine)),
+    payloads=st.lists(_JSON, max_size=8),
+)
+def test_fuzz_only_stream_error(kind: Kind, engine: Engine, payloads: list[Any]) -> None:
+    assembler = assembler_for(kind, engine)
     try:
         for payload in payloads:
             assembler.add(SSEEvent(None, orjson.dumps(payload).decode()))
@@ -1159,3 +1166,224 @@ def test_fuzz_only_stream_error(kind: Kind, payloads: list[Any]) -> None:
     except StreamError:
         return
     assert isinstance(result, dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real vLLM 0.32 captures (tests/data/vllm/*.txt): for one request, vLLM's direct non-streaming answer,
+# then the stream it sent for the same request upgraded by `upgrade_request` (the tiny random Qwen2-VL,
+# one 64x48 PNG, `temperature: 0` unless the options say otherwise; plain text, as captured). A file
+# starts `### <kind> <options> ...`, the options added to the request; then `<status>`, the answer,
+# `### stream`, `<status>`, the stream's bytes.
+
+VLLM_DATA = Path(__file__).resolve().parent / "data" / "vllm"
+_HEAD = re.compile(r"^### (\w+) (\{.*\})")
+
+
+def vllm_capture(name: str) -> tuple[Kind, dict[str, Any], tuple[int, Any], tuple[int, bytes]]:
+    """(kind, options, (status, direct answer), (status, stream bytes)) of one capture."""
+    head, rest = (VLLM_DATA / f"{name}.txt").read_text(encoding="utf-8").split("\n", 1)
+    match = _HEAD.match(head)
+    assert match, head
+    direct, stream = rest.split("\n### stream\n", 1)
+    direct_status, direct_body = direct.split("\n", 1)
+    stream_status, stream_body = stream.split("\n", 1)
+    kind: Kind = match[1]  # type: ignore[assignment]
+    answer = (int(direct_status), orjson.loads(direct_body))
+    return kind, orjson.loads(match[2]), answer, (int(stream_status), stream_body.encode())
+
+
+_VOLATILE = frozenset(("id", "created", "created_at"))  # differ between any two requests
+
+
+def normalised(value: Any) -> Any:
+    """`value` with its ids and creation times blanked (the sidecar's documented differences)."""
+    if isinstance(value, dict):
+        return {k: "<volatile>" if k in _VOLATILE else normalised(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalised(v) for v in value]
+    return value
+
+
+# Upgraded requests whose assembled answer must equal vLLM's own, byte for byte once normalised
+# (same keys, same order, same values).
+FAITHFUL = [
+    "chat-plain",
+    "chat-return_token_ids",
+    "chat-logprobs",
+    "chat-n2",
+    "chat-stop",
+    "messages-plain",
+    "messages-stop_sequences",
+    "messages-empty",
+    "completions-return_token_ids-logprobs",
+    "completions-n2",
+    "responses-plain",
+]
+
+
+@pytest.mark.parametrize("name", FAITHFUL)
+def test_vllm_capture_assembles_to_the_direct_answer(name: str) -> None:
+    kind, options, (status, direct), (stream_status, stream) = vllm_capture(name)
+    assert (status, stream_status) == (200, 200)
+    assert can_upgrade(kind, options)
+    assembled = assemble_all_ways(kind, stream, engine="vllm")
+    assert orjson.dumps(normalised(assembled)) == orjson.dumps(normalised(direct))
+
+
+def test_vllm_capture_return_token_ids_carried() -> None:
+    """The stream's top-level prompt_token_ids (first chunk) and per-chunk choice token_ids survive."""
+    _, _, (_, direct), (_, stream) = vllm_capture("chat-return_token_ids")
+    for engine in get_args(Engine):
+        assembled = assemble("chat", stream, engine=engine)
+        assert assembled["prompt_token_ids"] == direct["prompt_token_ids"] and len(direct["prompt_token_ids"]) > 10
+        assert assembled["choices"][0]["token_ids"] == direct["choices"][0]["token_ids"]
+        assert len(direct["choices"][0]["token_ids"]) == 3
+
+
+def test_vllm_capture_n2_prompt_token_ids_not_doubled() -> None:
+    """vLLM repeats top-level prompt_token_ids in each choice's first chunk: last wins, never extended."""
+    _, _, (_, direct), (_, stream) = vllm_capture("chat-n2")
+    assert stream.count(b'"prompt_token_ids":[') == 2
+    assembled = assemble("chat", stream)
+    assert assembled["prompt_token_ids"] == direct["prompt_token_ids"]
+    assert [c["token_ids"] for c in assembled["choices"]] == [c["token_ids"] for c in direct["choices"]]
+
+
+def _same_but_absent_nulls(generic: Any, direct: Any, path: str = "") -> None:
+    """`generic` equals `direct` except that a key either side holds as null may be absent from the other."""
+    if isinstance(generic, dict) and isinstance(direct, dict):
+        for key in generic.keys() | direct.keys():
+            where = f"{path}.{key}"
+            if key in generic and key in direct:
+                _same_but_absent_nulls(generic[key], direct[key], where)
+            else:
+                assert (generic if key in generic else direct)[key] is None, where
+    elif isinstance(generic, list) and isinstance(direct, list):
+        assert len(generic) == len(direct), path
+        for i, (g, d) in enumerate(zip(generic, direct, strict=True)):
+            _same_but_absent_nulls(g, d, f"{path}[{i}]")
+    else:
+        assert generic == direct, path
+
+
+@pytest.mark.parametrize("name", [n for n in FAITHFUL if n != "messages-empty"])
+def test_vllm_capture_generic_is_what_the_stream_carried(name: str) -> None:
+    """engine: generic differs from vLLM's answer only by null keys: the stream's `stop_sequence: null`
+    kept, the answer's null keys that the stream left out absent."""
+    kind, _, (_, direct), (_, stream) = vllm_capture(name)
+    _same_but_absent_nulls(normalised(assemble(kind, stream)), normalised(direct))
+
+
+def test_vllm_capture_generic_and_vllm_differ_on_known_null_keys() -> None:
+    _, _, (_, direct), (_, stream) = vllm_capture("chat-plain")
+    generic, shaped = assemble("chat", stream), assemble("chat", stream, engine="vllm")
+    assert "kv_transfer_params" not in generic and shaped["kv_transfer_params"] is None
+    assert "prompt_tokens_details" not in generic["usage"] and shaped["usage"]["prompt_tokens_details"] is None
+    assert "refusal" not in generic["choices"][0]["message"] and shaped["choices"][0]["message"]["refusal"] is None
+    assert list(shaped) == list(direct)
+    _, _, (_, direct), (_, stream) = vllm_capture("messages-empty")
+    generic, shaped = assemble("messages", stream), assemble("messages", stream, engine="vllm")
+    assert generic["stop_sequence"] is None and "stop_sequence" not in shaped and "stop_sequence" not in direct
+    assert generic["content"] == [] and shaped["content"] == direct["content"] == [{"type": "text", "text": ""}]
+
+
+@pytest.mark.parametrize("name", ["chat-prompt_logprobs", "completions-prompt_logprobs", "chat-echo"])
+def test_vllm_capture_of_what_is_not_upgraded(name: str) -> None:
+    """Each is a request `can_upgrade` keeps non-streaming, and the capture shows why: vLLM refuses the
+    stream, or the stream lacks what the direct answer has (echo's prompt logprobs)."""
+    kind, options, (status, direct), (stream_status, stream) = vllm_capture(name)
+    assert status == 200
+    assert not can_upgrade(kind, options)
+    if stream_status == 200:
+        assembled = assemble(kind, stream, engine="vllm")
+        assert direct["prompt_logprobs"] and assembled["prompt_logprobs"] is None
+    else:
+        assert stream_status == 400 and orjson.loads(stream)["error"]["param"] == "prompt_logprobs"
+
+
+_ALL_KINDS: list[Kind] = ["chat", "completions", "responses", "messages"]
+_NOT_RESPONSES: list[Kind] = ["chat", "completions", "messages"]
+REFUSED: list[tuple[Kind, dict[str, Any], str]] = [
+    *((k, {"prompt_logprobs": 0}, "prompt_logprobs") for k in ("chat", "completions")),
+    *((k, {"prompt_logprobs": 2}, "prompt_logprobs") for k in ("chat", "completions")),
+    *((k, {"echo": True}, "echo") for k in ("chat", "completions")),
+    *((k, {"stream_options": {"include_usage": True}}, "stream_options") for k in ("chat", "completions")),
+    *((k, {"use_beam_search": True}, "use_beam_search") for k in ("chat", "completions")),
+    *((k, {"kv_transfer_params": {"do_remote_decode": True}}, "kv_transfer_params") for k in _NOT_RESPONSES),
+    *((k, {"kv_transfer_params": {}}, "kv_transfer_params") for k in _NOT_RESPONSES),
+    *((k, {"ec_transfer_params": {"do_remote_encode": True}}, "ec_transfer_params") for k in _NOT_RESPONSES),
+    ("responses", {"background": True, "store": True}, "background"),
+    ("responses", {"include": ["message.output_text.logprobs"], "top_logprobs": 2}, "logprobs"),
+    *((k, {"stream": True}, "stream") for k in _ALL_KINDS),
+]
+
+
+@pytest.mark.parametrize(("kind", "options", "named"), REFUSED)
+def test_can_upgrade_refuses_what_the_stream_cannot_express(kind: Kind, options: dict[str, Any], named: str) -> None:
+    body = {"model": "m", **options}
+    assert not can_upgrade(kind, body)
+    reason = upgrade_refusal(kind, body)
+    assert reason is not None and named in reason
+
+
+KEPT: list[tuple[Kind, dict[str, Any]]] = [
+    ("chat", {"return_token_ids": True}),
+    ("chat", {"logprobs": True, "top_logprobs": 2}),
+    ("chat", {"n": 2, "seed": 7, "temperature": 1}),
+    ("chat", {"stop": ["is"], "max_tokens": 4}),
+    ("chat", {"return_prompt_text": True}),
+    ("chat", {"echo": False, "prompt_logprobs": None, "kv_transfer_params": None, "use_beam_search": False}),
+    ("chat", {"stream_options": {}}),  # vLLM accepts an empty one without a stream (it tests truthiness)
+    ("chat", {"stream_options": None}),
+    ("completions", {"return_token_ids": True, "logprobs": 2}),
+    ("responses", {"top_logprobs": 2}),  # without include, no logprobs are returned either way
+    ("responses", {"include": ["reasoning.encrypted_content"], "background": False}),
+    # The terminal response.completed event carries the engine's transfer parameters.
+    ("responses", {"kv_transfer_params": {"do_remote_decode": True}, "ec_transfer_params": {}}),
+    ("messages", {"stop_sequences": ["is"]}),
+    ("messages", {"echo": True, "prompt_logprobs": 1}),  # not Anthropic fields: the engine ignores them
+]
+
+
+@pytest.mark.parametrize(("kind", "options"), KEPT)
+def test_can_upgrade_keeps_what_the_stream_expresses(kind: Kind, options: dict[str, Any]) -> None:
+    body = {"model": "m", **options}
+    assert can_upgrade(kind, body) and upgrade_refusal(kind, body) is None
+
+
+def test_unknown_fields_carried_through() -> None:
+    """Top-level: last non-null wins (never extended); choice-level: lists extend, others last non-null
+    wins, a null keeps the key without erasing; only keys the stream had appear (generic)."""
+    chunks = [
+        '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","top_list":[1],"top":"a","top_null":null,'
+        '"choices":[{"index":0,"delta":{"role":"assistant","content":"x"},"ids":[1,2],"tag":"t1","gone":null}]}',
+        '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","top_list":[1],"top":null,'
+        '"choices":[{"index":0,"delta":{"content":"y"},"ids":[3],"tag":null,"finish_reason":"stop"}]}',
+        '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"metrics":{"ttft":0.1},'
+        '"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
+    ]
+    body = b"".join(f"data: {c}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+    result = assemble_all_ways("chat", body)
+    assert result["top_list"] == [1] and result["top"] == "a" and result["top_null"] is None
+    assert result["metrics"] == {"ttft": 0.1}
+    choice = result["choices"][0]
+    assert choice["ids"] == [1, 2, 3] and choice["tag"] == "t1" and "gone" in choice and choice["gone"] is None
+    assert choice["message"] == {"role": "assistant", "content": "xy"}
+    assert "token_ids" not in choice and "prompt_token_ids" not in result
+    text = body.replace(b'"delta":{"role":"assistant","content":"x"}', b'"text":"x"')
+    text = text.replace(b'"delta":{"content":"y"}', b'"text":"y"').replace(b"chat.completion.chunk", b"text_completion")
+    completion = assemble_all_ways("completions", text)
+    assert completion["choices"][0]["ids"] == [1, 2, 3] and completion["choices"][0]["text"] == "xy"
+    assert completion["top"] == "a" and completion["metrics"] == {"ttft": 0.1}
+
+
+def test_vllm_shape_keeps_fields_it_does_not_know() -> None:
+    body = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","novel":7,'
+        b'"choices":[{"index":0,"delta":{"role":"assistant","content":"x","novel_delta":"d"},"novel_choice":[1],'
+        b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    )
+    result = assemble("chat", body, engine="vllm")
+    assert result["novel"] == 7 and list(result)[-1] == "novel"
+    assert result["choices"][0]["novel_choice"] == [1] and result["choices"][0]["message"]["novel_delta"] == "d"
+    assert result["usage"] is None and result["choices"][0]["token_ids"] is None
