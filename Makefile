@@ -24,6 +24,9 @@ $(VLLM_STAMP): scripts/vllm-env.sh pyproject.toml
 
 vllm-env: $(VLLM_STAMP)
 
+# A GPU host brings its own vLLM: MM_SIDECAR_VLLM_PYTHON=/path/to/python skips .venv-vllm.
+VLLM_DEP := $(if $(MM_SIDECAR_VLLM_PYTHON),,$(VLLM_STAMP))
+
 run: $(STAMP)
 	$(BIN)/mm-sidecar run --config config/sidecar.yaml
 
@@ -39,7 +42,7 @@ promtool:
 	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
-unit: $(STAMP) $(VLLM_STAMP) promtool
+unit: $(STAMP) $(VLLM_DEP) promtool
 	$(BIN)/pytest -q
 
 test: lint typecheck unit

@@ -345,8 +345,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--requests", type=int, default=96, help="concurrent image requests per row (default 96)")
     parser.add_argument("--size", default="1920x1080", help="image size WxH (default 1920x1080)")
-    parser.add_argument("--rows", default=ALL_ROWS, help=f"comma list (default {ALL_ROWS})")
-    parser.add_argument("--images", type=int, default=8, help="distinct JPEGs, reused round robin (default 8)")
+    parser.add_argument(
+        "--engine",
+        choices=("reference", "vllm"),
+        default="reference",
+        help="the engine behind: the reference engine (2 TP ranks), or real vLLM (`make vllm-env`; "
+        "bench/gate_table_vllm.py) (default reference)",
+    )
+    parser.add_argument(
+        "--rows", default=None, help=f"comma list (default {ALL_ROWS}; with --engine vllm: gate_table_vllm's)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=None, help="distinct JPEGs, reused round robin (default 8; vllm: --requests)"
+    )
+    parser.add_argument(
+        "--text-interval-ms", type=float, default=500.0, help="vllm: a text request every this often (default 500)"
+    )
     parser.add_argument("--workers", type=int, default=nproc(), help="offload preprocessing workers (default nproc)")
     parser.add_argument("--interval-ms", type=float, default=50.0, help="memory sampling interval (default 50)")
     parser.add_argument("--row-timeout-s", type=float, default=900.0, help="longest burst per row (default 900)")
@@ -360,7 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="refuse to run when the predicted engine-alone peak exceeds this share of MemAvailable",
     )
     args = parser.parse_args(argv)
-    rows = [Row.parse(t) for t in args.rows.split(",") if t.strip()]
+    if args.engine == "vllm":
+        from . import gate_table_vllm  # noqa: PLC0415
+
+        return gate_table_vllm.main(args, argv)
+    rows = [Row.parse(t) for t in (args.rows or ALL_ROWS).split(",") if t.strip()]
+    args.images = args.images or 8
     width, height = parse_size(args.size)
 
     from preprocess.cost import output_nbytes, output_shapes  # noqa: PLC0415

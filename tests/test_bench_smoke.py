@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.gate_table import Row, sidecar_config
+from bench.gate_table_vllm import VllmRow
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -78,6 +79,38 @@ def test_gate_table(tmp_path: Path) -> None:
     assert "| sidecar passthrough | bytes of 1 |" in text
     assert "| engine alone | off |" in text and "| sidecar offload | 1 |" in text
     assert "2/2" in text
+
+
+def test_gate_table_on_vllm(tmp_path: Path) -> None:
+    # one passthrough row in front of a real vLLM (its own, fresh): the headline table's code path
+    text = run_bench(
+        "gate_table",
+        tmp_path,
+        "--engine",
+        "vllm",
+        "--requests",
+        "2",
+        "--size",
+        "320x240",
+        "--rows",
+        "passthrough:1",
+        "--text-interval-ms",
+        "100",
+        timeout_s=300,
+    )
+    assert "| sidecar passthrough | 1 |" in text and "2/2" in text
+    assert "## gate_table (vLLM) (" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_vllm_gate_rows_parse() -> None:
+    assert VllmRow.parse("engine") == VllmRow(None)
+    assert VllmRow.parse("engine+cache") == VllmRow(None, cache=True)
+    assert VllmRow.parse("passthrough:2b") == VllmRow(2, by_bytes=True)
+    assert VllmRow.parse("passthrough:1+cache") == VllmRow(1, cache=True)
+    with pytest.raises(ValueError, match="issue 13"):
+        VllmRow.parse("offload:1")
+    with pytest.raises(ValueError, match="only \\+cache"):
+        VllmRow.parse("engine+fast")
 
 
 def test_gate_rows_by_bytes_bound_bytes_only() -> None:

@@ -16,7 +16,6 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ import aiohttp
 import anthropic
 import openai
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from bench.images import photo_jpeg
@@ -34,6 +32,7 @@ from sidecar.app import create_app
 from sidecar.app_keys import POOL
 
 from .conftest import assert_invariant, make_config
+from .hop import RecordingHop
 
 MODEL = VLLM_MODEL_NAME
 # Greedy: vLLM samples at temperature 1 unless told otherwise, and these tests compare answers.
@@ -92,73 +91,6 @@ async def wait_engine_idle(url: str, timeout_s: float = 20.0) -> float:
             return time.monotonic() - started
         assert time.monotonic() - started < timeout_s, f"vLLM still busy after {timeout_s} s: {metrics}"
         await asyncio.sleep(0.1)
-
-
-# --------------------------------------------------------------------------------------------------
-# A recording hop between the sidecar and vLLM
-
-
-@dataclass
-class Exchange:
-    path: str
-    sent: float  # the request's body forwarded to vLLM
-    first_byte: float | None = None  # vLLM's first response body byte: it has preprocessed the request
-    done: float | None = None
-
-
-@dataclass
-class RecordingHop:
-    """Forwards everything to vLLM unchanged and records, per request, when vLLM got it and when it
-    first answered. `max_inside()` is the most multimodal requests vLLM held at once between the two:
-    the preprocessing (and prefill) the gate exists to bound."""
-
-    upstream: str
-    exchanges: list[Exchange] = field(default_factory=list)
-    # While cleared, requests wait here before reaching vLLM: a slow preprocessing, so a test can hold
-    # the gate's slot for as long as it needs.
-    open: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.open.set()
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024**2)
-        app.router.add_route("*", "/{tail:.*}", self._forward)
-        return app
-
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        await self.open.wait()
-        exchange = Exchange(request.path, time.monotonic())
-        self.exchanges.append(exchange)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        async with (
-            aiohttp.ClientSession(auto_decompress=False) as http,
-            http.request(request.method, self.upstream + request.path_qs, data=body, headers=headers) as resp,
-        ):
-            out = web.StreamResponse(status=resp.status)
-            for key, value in resp.headers.items():
-                if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                    out.headers[key] = value
-            await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                if exchange.first_byte is None:
-                    exchange.first_byte = time.monotonic()
-                await out.write(chunk)
-            exchange.done = time.monotonic()
-            await out.write_eof()
-            return out
-
-    def max_inside(self) -> int:
-        events: list[tuple[float, int]] = []
-        for e in self.exchanges:
-            end = e.first_byte if e.first_byte is not None else (e.done or time.monotonic())
-            events += [(e.sent, 1), (end, -1)]
-        inside = peak = 0
-        for _, step in sorted(events, key=lambda ev: (ev[0], ev[1])):  # an exit before an entry at a tie
-            inside += step
-            peak = max(peak, inside)
-        return peak
 
 
 # --------------------------------------------------------------------------------------------------

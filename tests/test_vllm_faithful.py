@@ -3,9 +3,10 @@
 Each case sends one non-streaming request twice: straight to real vLLM 0.32 (the `vllm_server` fixture,
 the tiny Qwen2-VL) and through the sidecar in passthrough, `upstream.engine: vllm`, `stream_upgrade` on.
 The two answers must be the same bytes once ids and creation times are blanked (the only documented
-differences). `Hop`, a plain aiohttp proxy between the sidecar and vLLM, records whether the sidecar sent
-the request upstream as a stream, so each case also checks the upgrade decision: upgraded where the
-stream can express the answer, forwarded as sent where it cannot (README, "stream_upgrade").
+differences). `RecordingHop` (tests/hop.py), a plain aiohttp proxy between the sidecar and vLLM,
+records whether the sidecar sent the request upstream as a stream, so each case also checks the
+upgrade decision: upgraded where the stream can express the answer, forwarded as sent where it cannot
+(README, "stream_upgrade").
 
 Greedy (`temperature: 0`) unless a case seeds its sampling; one 64x48 image; a few tokens per answer.
 Completions prompts are text, which the sidecar never gates nor upgrades: those cases check that the
@@ -15,20 +16,19 @@ passthrough is byte-faithful for the options the multimodal routes refuse to upg
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from bench.services import Service
 from sidecar.app import create_app
 
 from .conftest import assert_invariant, data_url, image_bytes, make_config
+from .hop import RecordingHop
 
 MODEL = "tiny"
 GREEDY: dict[str, Any] = {"temperature": 0}  # a case's own temperature (with a seed) overrides it
@@ -105,38 +105,6 @@ def normalised(value: Any) -> Any:
     return value
 
 
-@dataclass
-class Hop:
-    """A plain proxy to vLLM recording (path, asked for a stream) for every POST the sidecar sends."""
-
-    target: str
-    seen: list[tuple[str, bool]] = field(default_factory=list)
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024**2)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        app.cleanup_ctx.append(self._session)
-        return app
-
-    async def _session(self, app: web.Application) -> AsyncIterator[None]:
-        self.http = aiohttp.ClientSession(auto_decompress=False)
-        yield
-        await self.http.close()
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        if request.method == "POST":
-            self.seen.append((request.path, bool(orjson.loads(body).get("stream"))))
-        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
-        async with self.http.request(request.method, self.target + request.path_qs, data=body, headers=headers) as up:
-            out = web.StreamResponse(status=up.status, headers={"Content-Type": up.headers["Content-Type"]})
-            await out.prepare(request)
-            async for chunk in up.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
-
-
 async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, Any]:
     async with http.post(url, json=body) as resp:
         return resp.status, orjson.loads(await resp.read())
@@ -144,7 +112,7 @@ async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> t
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 async def test_non_streaming_answer_equals_vllms(vllm_server: Service, aiohttp_server: Any, case: Case) -> None:
-    hop = Hop(vllm_server.url)
+    hop = RecordingHop(vllm_server.url)
     upstream: TestServer = await aiohttp_server(hop.app())
     config = make_config(
         str(upstream.make_url("")).rstrip("/"),
