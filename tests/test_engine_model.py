@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +24,8 @@ from PIL import Image
 from engine.model import VLModel
 from engine.tiny import ensure_tiny_model, make_tiny_model
 from preprocess.processors import decode, load_processor, run_processor
+
+from .conftest import free_port
 
 MESSAGES: list[dict[str, Any]] = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -219,13 +220,6 @@ def test_tp_load_needs_a_process_group(tiny_dir: Path) -> None:
 # -- tensor parallelism ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _tp_rank(rank: int, port: int, directory: str, workdir: str) -> None:
     """One TP rank (spawned): set up the group as torchrun would, load sharded, generate, write the ids."""
     import torch.distributed as dist
@@ -260,7 +254,7 @@ def test_tp2_ranks_agree_with_each_other_and_with_a_plain_load(
     # The spawned ranks inherit the variable before they first touch CUDA.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     context = start_processes(  # type: ignore[no-untyped-call]
-        _tp_rank, args=(_free_port(), str(tiny_dir), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+        _tp_rank, args=(free_port(), str(tiny_dir), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TP_TIMEOUT_S
     try:

@@ -11,7 +11,6 @@ import logging
 import multiprocessing
 import os
 import secrets
-import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +25,8 @@ from engine.staging import StagingPool
 from preprocess.arena import Arena, segment_name
 from preprocess.extents import pack_tensors
 from preprocess.protocol import DESCRIPTOR_ERROR, StaleDescriptor, TensorDescriptor
+
+from .conftest import free_port
 
 MiB = 1 << 20
 ROW = 1176
@@ -311,13 +312,6 @@ def _with_generation(desc: TensorDescriptor, generation: int, key: bytes) -> Ten
 # -- two ranks ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _rank_main(rank: int, port: int, links: list[Any], shm_dirs: list[str], jobs: list[Any], results: Any) -> None:  # noqa: PLR0917
     """Rank 0 issues `jobs` ((request, descriptor lists)) and reports; rank 1 follows."""
     import torch.distributed as dist
@@ -346,7 +340,7 @@ def _rank_main(rank: int, port: int, links: list[Any], shm_dirs: list[str], jobs
 
 def _run_two_ranks(shm_dirs: list[str], jobs: list[Any]) -> dict[str, Any]:
     results = SPAWN.Queue()
-    port = _free_port()
+    port = free_port()
     leader, follower = SPAWN.Pipe(duplex=True)
     procs = [
         SPAWN.Process(target=_rank_main, args=(r, port, links, shm_dirs, jobs, results))

@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from sidecar.app import drain
 from sidecar.app_keys import POOL
 from sidecar.echo import EchoEngine
 
-from .conftest import StackFactory, chat_body, messages_body
+from .conftest import StackFactory, chat_body, free_port, messages_body
 from .test_proxy import Holder, wait_for
 
 SHUTTING_DOWN = "the sidecar is shutting down; retry on another replica"
@@ -30,13 +29,6 @@ OPENAI_SHUTTING_DOWN = {
     "error": {"message": SHUTTING_DOWN, "type": "service_unavailable", "param": None, "code": "shutting_down"}
 }
 ANTHROPIC_SHUTTING_DOWN = {"type": "error", "error": {"type": "overloaded_error", "message": SHUTTING_DOWN}}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Sidecar:
