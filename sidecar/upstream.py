@@ -162,7 +162,9 @@ class Forward:
     family: Family
     request_id: str
     lease: Lease | None = None  # multimodal: released at the ack
-    assemble: Kind | None = None  # set when the sidecar upgraded a non-streaming request
+    # Set when the sidecar upgraded a non-streaming request; with `transform` too (offload into vLLM),
+    # the assembled chat answer is then translated back with `transform.whole`.
+    assemble: Kind | None = None
     # "headers": the engine's response headers are the ack (offload: it sends them only after
     # every rank copied its tensors); "first_chunk": the passthrough rules in the module docstring.
     ack: Literal["first_chunk", "headers"] = "first_chunk"
@@ -348,6 +350,8 @@ class Upstream:
             for event in parser.close():
                 assembler.add(event)
             result: dict[str, Any] = assembler.result()
+            if fwd.transform is not None:
+                result = fwd.transform.whole(result)
         except StreamError as exc:
             raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"the engine's answer failed: {exc}") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -356,6 +360,8 @@ class Upstream:
             raise SidecarError(
                 Cause.UPSTREAM_TIMEOUT, "the engine went silent longer than upstream.read_timeout_s"
             ) from exc
+        except (ValueError, TypeError, KeyError) as exc:  # the translation of an assembled answer
+            raise SidecarError(Cause.UPSTREAM_BAD_RESPONSE, f"cannot translate the engine's answer: {exc}") from exc
         headers = response_headers(resp.headers, fwd.request_id)
         headers.popall("Content-Type", None)
         headers.popall("Cache-Control", None)
