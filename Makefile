@@ -43,7 +43,7 @@ promtool:
 		apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 unit: $(STAMP) $(VLLM_DEP) promtool
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test: lint typecheck unit
 

@@ -7,6 +7,9 @@ image requests at once (one distinct JPEG each, `max_tokens=1`, non-streaming) t
 - vLLM alone: no gate;
 - the sidecar in passthrough (gate = G requests, or the bytes of G decoded images): at most G requests
   inside vLLM until its first streamed byte (the request is upgraded to a stream: vLLM's ack);
+- the sidecar in offload mode (gate = G): the sidecar's workers preprocess into its arena and vLLM,
+  started as `mm-sidecar vllm-engine`, copies the tensors out and never runs its image processor; the
+  slot is held until vLLM's response headers (sent once it holds its own copy);
 
 and, while the burst runs, a text request every `--text-interval-ms` (launched on a clock, not one after
 the other, so a stalled engine shows as waiting, not as fewer samples) to the same front door: the text
@@ -41,21 +44,28 @@ from .stats import markdown_table, ms, pct_change, percentile, size
 
 DEFAULT_ROWS = (
     "engine,passthrough:1,passthrough:2,passthrough:4,passthrough:8,passthrough:1b,passthrough:2b,"
-    "engine+cache,passthrough:1+cache"
+    "engine+cache,passthrough:1+cache,offload:1,offload:2,offload:4,offload:8"
 )
 
 
 @dataclass(frozen=True, slots=True)
 class VllmRow:
-    """`engine` (vLLM alone) or `passthrough:G[b]`; a `+cache` suffix keeps vLLM's processor cache on."""
+    """`engine` (vLLM alone), `passthrough:G[b]`, or `offload:G` (the sidecar preprocesses into its arena,
+    vLLM runs as `mm-sidecar vllm-engine` and reads the tensors); a `+cache` suffix keeps vLLM's processor
+    cache on (passthrough and engine rows)."""
 
     gate: int | None
     by_bytes: bool = False
     cache: bool = False
+    offload: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "engine" if self.gate is None else "offload" if self.offload else "passthrough"
 
     @property
     def label(self) -> str:
-        name = "vLLM alone" if self.gate is None else "sidecar passthrough"
+        name = "vLLM alone" if self.gate is None else f"sidecar {self.mode}"
         return name + (" (processor cache on)" if self.cache else "")
 
     @property
@@ -66,7 +76,7 @@ class VllmRow:
 
     @property
     def short(self) -> str:
-        base = "vLLM" if self.gate is None else f"gate {self.gate}{'b' if self.by_bytes else ''}"
+        base = "vLLM" if self.gate is None else f"{self.mode[:4]} {self.gate}{'b' if self.by_bytes else ''}"
         return base + ("+cache" if self.cache else "")
 
     @classmethod
@@ -81,9 +91,10 @@ class VllmRow:
         count = gate[:-1] if by_bytes else gate
         if mode == "passthrough" and count.isdigit() and int(count) >= 1:
             return cls(int(count), by_bytes, bool(plus))
+        if mode == "offload" and gate.isdigit() and int(gate) >= 1 and not plus:
+            return cls(int(gate), offload=True)
         raise ValueError(
-            f"--rows: with --engine vllm expected engine or passthrough:G[b] (+cache), got {text!r} "
-            "(offload into vLLM is issue 13)"
+            f"--rows: with --engine vllm expected engine, passthrough:G[b] (+cache) or offload:G, got {text!r}"
         )
 
 
@@ -149,23 +160,29 @@ def run_row(
     interval_s: float,
     timeout_s: float,
     rgb_per_image: int,
+    arena_per_slot: int,
+    workers: int,
 ) -> VllmResult:
     from .gate_table import Row, sidecar_config  # noqa: PLC0415 - the reference table's sidecar config
 
     with contextlib.ExitStack() as stack:
-        eng = stack.enter_context(services.vllm(model, logs, processor_cache_gb=None if row.cache else 0))
+        if row.offload:
+            eng = stack.enter_context(services.vllm_engine(model, logs))
+        else:
+            eng = stack.enter_context(services.vllm(model, logs, processor_cache_gb=None if row.cache else 0))
         side = None
         if row.gate is not None:
             config = sidecar_config(
-                Row("passthrough", row.gate, row.by_bytes),
+                Row(row.mode, row.gate, row.by_bytes),
                 eng.url,
                 model=model,
                 requests=len(bodies),
-                arena=0,
-                workers=0,
+                arena=int(row.gate * arena_per_slot * 1.01) + 1024**2,
+                workers=workers,
                 timeout_s=timeout_s,
                 rgb_per_image=rgb_per_image,
             )
+            config["upstream"]["engine"] = "vllm"  # vLLM's answer shape; offload: its ack is the headers
             side = stack.enter_context(services.sidecar(config, logs))
         target = eng.url if side is None else side.url
         # Warm both paths once (vLLM compiles and allocates on its first image and text request), so the
@@ -262,6 +279,11 @@ def main(args: Any, argv: Sequence[str]) -> int:
     width, height = parse_size(args.size)
     services.adopt_orphans()  # vLLM's EngineCore and worker: their CPU time is ours, not "other work"
     model = services.ensure_model(args.model)
+    from preprocess.cost import output_nbytes  # noqa: PLC0415
+    from preprocess.extents import reservation_size  # noqa: PLC0415
+    from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
+
+    per_image = output_nbytes(read_spec(resolve_processor(str(model))), width, height)
     count = args.images or args.requests  # distinct by default: a cache row must not hit on a repeat
     jpegs = [photo_jpeg(width, height, seed=i) for i in range(count)]
     bodies = [chat_body(image_url=data_url(jpegs[i % len(jpegs)])) for i in range(args.requests)]
@@ -283,6 +305,8 @@ def main(args: Any, argv: Sequence[str]) -> int:
                     interval_s=args.interval_ms / 1000,
                     timeout_s=args.row_timeout_s,
                     rgb_per_image=width * height * 3,
+                    arena_per_slot=reservation_size(per_image),
+                    workers=args.workers,
                 )
             result.other_cpu = row_load.foreign_share
             print(
@@ -306,7 +330,10 @@ def main(args: Any, argv: Sequence[str]) -> int:
         "--mm-processor-cache-gb 0 except the '+cache' rows (vLLM's default 4 GiB); a fresh vLLM per row; "
         "children (vLLM included) run with OMP_NUM_THREADS=1",
         "sidecar: passthrough, stream_upgrade on (vLLM's first streamed byte is the ack); 'bytes of G' rows: "
-        f"gate.max_concurrent = N and gate.max_bytes = G x {size(width * height * 3)} of decoded RGB",
+        f"gate.max_concurrent = N and gate.max_bytes = G x {size(width * height * 3)} of decoded RGB; "
+        f"offload rows: {args.workers} preprocessing workers, arena = gate x {size(reservation_size(per_image))} "
+        "(+1%), vLLM as `mm-sidecar vllm-engine` (reads the arena, never runs the image processor), the ack at "
+        "vLLM's response headers; upstream.engine: vllm in every sidecar row",
         f"memory: PSS of vLLM's process tree and of the sidecar's, sampled every {args.interval_ms:.0f} ms "
         "(bench/memory.py); 'extra' = the tree's peak during the burst minus its idle PSS just before it",
     ]

@@ -107,8 +107,9 @@ def test_vllm_gate_rows_parse() -> None:
     assert VllmRow.parse("engine+cache") == VllmRow(None, cache=True)
     assert VllmRow.parse("passthrough:2b") == VllmRow(2, by_bytes=True)
     assert VllmRow.parse("passthrough:1+cache") == VllmRow(1, cache=True)
-    with pytest.raises(ValueError, match="issue 13"):
-        VllmRow.parse("offload:1")
+    assert VllmRow.parse("offload:4") == VllmRow(4, offload=True) and VllmRow.parse("offload:4").mode == "offload"
+    with pytest.raises(ValueError, match="offload:G"):
+        VllmRow.parse("offload:1+cache")
     with pytest.raises(ValueError, match="only \\+cache"):
         VllmRow.parse("engine+fast")
 
