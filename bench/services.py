@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,11 +42,38 @@ class LeakError(RuntimeError):
     """A benchmark left a process or a shared-memory segment behind (it was cleaned up, loudly)."""
 
 
+def _ephemeral_ports() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+_port_rng = random.Random()
+
+
+_PORTS = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free loopback port below the kernel's ephemeral range.
+
+    The kernel's own pick (bind to port 0) comes from the ephemeral range, the one outgoing connections
+    take their source ports from: between this pick and the server's bind, one of the many connections
+    a test makes (a health probe, vLLM's ZMQ sockets) could take it (seen in CI: a sidecar under `run`
+    failed with EADDRINUSE). Below that range only listeners compete, and the bind here catches those."""
+    ephemeral = _ephemeral_ports()
+    for _ in range(200):
+        port = _PORTS.randrange(10000, min(ephemeral.start, 32768))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range after 200 tries")
 
 
 @dataclass

@@ -162,12 +162,13 @@ class ApiHandler:
         parsed: Parsed,
         found: Classification,
     ) -> web.StreamResponse:
-        """Offload mode: preprocess here, send tensor descriptors, release at the engine's headers.
+        """Offload mode: preprocess here, send tensor descriptors, release at the engine's ack.
 
-        In front of vLLM (`upstream.engine: vllm`, engine/vllm_offload.py) a non-streaming request goes
-        as a stream: vLLM sends a stream's headers once it has copied the tensors, but a whole answer's
-        only at the end of generation, which would hold the slot and the extents that long. The stream
-        is re-assembled into vLLM's non-streaming answer, then translated back if the route needs it.
+        The reference engine's ack is its headers (sent once every rank copied its tensors). In front of
+        vLLM (`upstream.engine: vllm`, engine/vllm_offload.py) it is the first streamed byte, and a
+        non-streaming request goes as a stream: a whole answer's headers come only at the end of
+        generation. The stream is re-assembled into vLLM's non-streaming answer, then translated back if
+        the route needs it.
         """
         app = request.app
         config = app[CONFIG]
@@ -205,7 +206,12 @@ class ApiHandler:
                 request_id,
                 lease,
                 assemble,
-                ack="headers",
+                # vLLM sends a stream's headers as soon as it has copied the tensors, before its scheduler
+                # has the request: acked there, every queued request's tensors would pile up inside vLLM
+                # (bench, offload gate 1: +2.2 GiB, as much as no gate). Its first streamed byte (after
+                # prefill) bounds what it holds, as in passthrough; it comes later still, so the extents
+                # are never freed before vLLM's copy.
+                ack="first_chunk" if upstream.engine == "vllm" else "headers",
                 transform=transform,
             )
             return await app[UPSTREAM].forward(request, fwd)
