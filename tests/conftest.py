@@ -228,3 +228,16 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     model = ensure_tiny_model(tmp_path_factory.mktemp("models") / TINY_MODEL_NAME)
     with vllm(model, tmp_path_factory.mktemp("vllm-logs")) as service:
         yield service
+
+
+_VOLATILE = frozenset(("id", "created", "created_at"))  # differ between any two requests
+
+
+def normalised(value: Any) -> Any:
+    """`value` with ids and creation times blanked at any depth (output item ids included): the
+    differences README documents between an engine's answer and the same answer through the sidecar."""
+    if isinstance(value, dict):
+        return {k: "<volatile>" if k in _VOLATILE else normalised(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalised(v) for v in value]
+    return value

@@ -18,6 +18,8 @@ from sidecar.answer_shapes import Engine
 from sidecar.assemble import Kind, StreamError, assembler_for, can_upgrade, upgrade_refusal, upgrade_request
 from sidecar.sse import SSEEvent, SSEParser
 
+from .conftest import normalised
+
 
 def assemble(kind: Kind, body: bytes, chunk_size: int | None = None, engine: Engine = "generic") -> dict[str, Any]:
     parser = SSEParser()
@@ -1190,18 +1192,6 @@ def vllm_capture(name: str) -> tuple[Kind, dict[str, Any], tuple[int, Any], tupl
     kind: Kind = match[1]  # type: ignore[assignment]
     answer = (int(direct_status), orjson.loads(direct_body))
     return kind, orjson.loads(match[2]), answer, (int(stream_status), stream_body.encode())
-
-
-_VOLATILE = frozenset(("id", "created", "created_at"))  # differ between any two requests
-
-
-def normalised(value: Any) -> Any:
-    """`value` with its ids and creation times blanked (the sidecar's documented differences)."""
-    if isinstance(value, dict):
-        return {k: "<volatile>" if k in _VOLATILE else normalised(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [normalised(v) for v in value]
-    return value
 
 
 # Upgraded requests whose assembled answer must equal vLLM's own, byte for byte once normalised

@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestServer
 from bench.services import Service
 from sidecar.app import create_app
 
-from .conftest import assert_invariant, data_url, image_bytes, make_config
+from .conftest import assert_invariant, data_url, image_bytes, make_config, normalised
 from .hop import RecordingHop
 
 MODEL = "tiny"
@@ -92,17 +92,6 @@ CASES = [
     Case("completions-prompt_logprobs", COMPLETIONS, completions(prompt_logprobs=1), False),
     Case("completions-n2-seed", COMPLETIONS, completions(n=2, temperature=1, seed=3), False),
 ]
-
-_VOLATILE = frozenset(("id", "created", "created_at"))
-
-
-def normalised(value: Any) -> Any:
-    """`value` with ids and creation times blanked, at any depth (output item ids included)."""
-    if isinstance(value, dict):
-        return {k: "<volatile>" if k in _VOLATILE else normalised(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [normalised(v) for v in value]
-    return value
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, Any]:
