@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -241,3 +242,19 @@ def normalised(value: Any) -> Any:
     if isinstance(value, list):
         return [normalised(v) for v in value]
     return value
+
+
+async def vllm_metrics(url: str) -> dict[str, float]:
+    """vLLM's Prometheus gauges and counters, summed over labels (name -> value), plus the finished
+    requests by reason (`vllm:request_success_total:abort`, ...)."""
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+        text = await resp.text()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(vllm:[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if match:
+            values[match[1]] = values.get(match[1], 0.0) + float(match[3])
+            reason = re.search(r'finished_reason="([a-z]+)"', match[2] or "")
+            if reason:
+                values[f"{match[1]}:{reason[1]}"] = float(match[3])
+    return values

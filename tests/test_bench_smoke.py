@@ -82,7 +82,9 @@ def test_gate_table(tmp_path: Path) -> None:
 
 
 def test_gate_table_on_vllm(tmp_path: Path) -> None:
-    # one passthrough row in front of a real vLLM (its own, fresh): the headline table's code path
+    # One offload row into a real vLLM (vllm-engine, TP=1, its own, fresh): the headline table's code
+    # path, and offload into vLLM at TP=1 end to end (tests/test_vllm_offload.py runs TP=2). The
+    # passthrough rows run the same code with a plain vLLM, which tests/test_vllm.py covers.
     text = run_bench(
         "gate_table",
         tmp_path,
@@ -93,12 +95,12 @@ def test_gate_table_on_vllm(tmp_path: Path) -> None:
         "--size",
         "320x240",
         "--rows",
-        "passthrough:1",
+        "offload:1",
         "--text-interval-ms",
         "100",
         timeout_s=300,
     )
-    assert "| sidecar passthrough | 1 |" in text and "2/2" in text
+    assert "| sidecar offload | 1 |" in text and "2/2" in text
     assert "## gate_table (vLLM) (" in (tmp_path / "RESULTS.md").read_text()
 
 

@@ -17,11 +17,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -33,7 +35,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.vllm_offload import PLUGIN_NAME, SUPPORTED_VLLM
+from mm_sidecar.cli import build_parser
+from mm_sidecar.vllm_engine import EngineCommandError, build_command, check_vllm_args
 from preprocess.processors import PRESETS_DIR
+from preprocess.protocol import segment_size_for
 from sidecar.ceiling import check_limit, memory_ceiling
 from sidecar.config import Config, from_mapping, to_mapping
 
@@ -50,11 +56,19 @@ PROMETHEUS_RULE = K8S / "components" / "monitoring" / "prometheusrule.yaml"
 # Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # The kustomizations a user applies (components are rendered through the overlays that use them).
-KUSTOMIZE_ROOTS = ("base", "overlays/passthrough-vllm")
+KUSTOMIZE_ROOTS = ("base", "overlays/passthrough-vllm", "overlays/offload-vllm")
 SIDECAR_CONTAINER = "mm-sidecar"
 SIDECAR_CONFIG_PATH = "/etc/mm-sidecar/sidecar.yaml"
 # What a deployment config may change from config/sidecar.yaml (everything else must not drift).
 DEPLOYMENT_KEYS = {("server", "host"), ("server", "memory_limit"), ("upstream", "url")}
+# Offload configs that differ from config/sidecar.yaml on purpose beyond DEPLOYMENT_KEYS: the file
+# (relative to deploy/) -> each key it may change, and why. Each listed key must actually differ.
+OFFLOAD_DRIFT_ALLOWED: dict[str, dict[tuple[str, str], str]] = {
+    "k8s/overlays/offload-vllm/sidecar.yaml": {
+        ("upstream", "engine"): "vLLM is the engine: answers re-assembled from upgraded streams take its shape",
+        ("gate", "max_bytes"): "a real model on a GPU: the arena holds 2 requests of 16 1080p images (2 GiB)",
+    },
+}
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -468,6 +482,63 @@ def test_passthrough_overlay_runs_vllm_unmodified() -> None:
     assert {d["kind"] for d in docs} >= {"PodMonitor", "PrometheusRule"}
 
 
+def test_offload_overlay_runs_vllm_engine() -> None:
+    """vLLM as the offload engine: `mm-sidecar vllm-engine` from deploy/Dockerfile.vllm's image, where
+    upstream.url says, sharing the sidecar's /dev/shm (check_pod checks the mounts), with vLLM
+    arguments vllm-engine accepts."""
+    root = "overlays/offload-vllm"
+    docs = render(root)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (engine,) = pod["containers"]
+    assert [c["name"] for c in pod["initContainers"]] == [SIDECAR_CONTAINER], "no tiny model in front of vLLM"
+    assert "models" not in {v["name"] for v in pod["volumes"]}
+    config = from_mapping(yaml.safe_load(one(docs, "ConfigMap")["data"]["sidecar.yaml"]))
+    assert (config.upstream.mode, config.upstream.engine) == ("offload", "vllm")
+    assert config.upstream.stream_upgrade, "vLLM acks offloaded requests at a stream's first byte only"
+
+    # The command: vllm-engine (which turns the plugin on), not `vllm serve`; its options parsed by
+    # the real CLI parser, so a misspelt or unknown option fails here.
+    assert engine["command"] == ["mm-sidecar", "vllm-engine"]
+    try:
+        options = build_parser().parse_args(["vllm-engine", *engine["args"]])
+    except SystemExit:
+        pytest.fail(f"mm-sidecar vllm-engine refuses its args {engine['args']} (its message above)", pytrace=False)
+    assert f"http://{options.host}:{options.port}" == config.upstream.url
+    assert options.shm_dir == config.shm.dir
+    assert options.tp == int(engine["resources"]["limits"]["nvidia.com/gpu"]), "one tensor-parallel rank per GPU"
+    env = {e["name"]: e["value"] for e in engine.get("env", [])}
+    try:
+        check_vllm_args(options.vllm_args)
+        built = build_command(
+            model=options.model,
+            port=options.port,
+            host=options.host,
+            tp=options.tp,
+            shm_dir=options.shm_dir,
+            vllm_args=options.vllm_args,
+            environ=env,
+            python="python3",
+        )
+    except EngineCommandError as exc:
+        pytest.fail(f"mm-sidecar vllm-engine would refuse to start: {exc}", pytrace=False)
+    assert built.env["MM_SIDECAR_VLLM_OFFLOAD"] == "1"
+    # vLLM's per-prompt image limit is the sidecar's.
+    (limit,) = [a.partition("=")[2] for a in options.vllm_args if a.startswith("--limit-mm-per-prompt=")]
+    assert json.loads(limit) == {"image": config.limits.max_images_per_request}
+
+    # /dev/shm: two arenas (segments: data pages, header and page table) and room for vLLM's own use.
+    dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    room = quantity_bytes(dshm["emptyDir"]["sizeLimit"]) - 2 * segment_size_for(config.gate.max_bytes)
+    assert room >= 1 << 30, "leave vLLM at least 1 GiB of /dev/shm beside two arenas (NCCL, multiprocessing)"
+
+    # The image is the one deploy/Dockerfile.vllm builds, named in the overlay's images: entry.
+    kfile = yaml.safe_load((K8S / root / "kustomization.yaml").read_text(encoding="utf-8"))
+    (image,) = [i for i in kfile["images"] if i["name"] == "mm-sidecar-vllm"]
+    assert engine["image"] == f"{image['newName']}:{image['newTag']}"
+    assert f"-t mm-sidecar-vllm:{image['newTag']} " in (DEPLOY / "Dockerfile.vllm").read_text()
+    assert {d["kind"] for d in docs} >= {"PodMonitor", "PrometheusRule"}
+
+
 # -- the configs deploy/ carries ---------------------------------------------------------------
 
 
@@ -477,11 +548,24 @@ def test_sidecar_config_loads_and_fits_its_limit(path: Path) -> None:
     assert check_limit(config) is None
     assert config.server.host == "0.0.0.0", "in a container the sidecar must listen on all interfaces"
     if config.upstream.mode == "offload":
-        # Same gate, limits and processor as the default config: only where it runs may differ.
+        # Same gate, limits and processor as the default config: only where it runs may differ, and
+        # what OFFLOAD_DRIFT_ALLOWED names for this file.
         default = flat(to_mapping(from_mapping(yaml.safe_load((ROOT / "config" / "sidecar.yaml").read_text()))))
         mine = flat(to_mapping(config))
-        drift = {k for k in default if k not in DEPLOYMENT_KEYS and default[k] != mine[k]}
+        extra = set(OFFLOAD_DRIFT_ALLOWED.get(str(path.relative_to(DEPLOY)), {}))
+        allowed = DEPLOYMENT_KEYS | extra
+        drift = {k for k in default if k not in allowed and default[k] != mine[k]}
         assert not drift, f"{path.relative_to(ROOT)} drifted from config/sidecar.yaml: {sorted(drift)}"
+        stale = {k for k in extra if default[k] == mine[k]}
+        assert not stale, (
+            f"{path.relative_to(ROOT)} no longer differs in {sorted(stale)}: drop them from OFFLOAD_DRIFT_ALLOWED"
+        )
+
+
+def test_offload_drift_allowances_name_real_configs() -> None:
+    for name in OFFLOAD_DRIFT_ALLOWED:
+        assert (DEPLOY / name).is_file(), f"OFFLOAD_DRIFT_ALLOWED names {name}, which does not exist"
+        assert load_config(DEPLOY / name).upstream.mode == "offload", f"{name}: the drift check covers offload only"
 
 
 # -- Prometheus ----------------------------------------------------------------------------------
@@ -721,8 +805,8 @@ def test_compose_stack_shares_dev_shm_and_fits_its_config() -> None:
 # -- the Dockerfile ------------------------------------------------------------------------------
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = (DEPLOY / "Dockerfile").read_text()
+def dockerfile_instructions(name: str = "Dockerfile") -> list[tuple[str, str]]:
+    text = (DEPLOY / name).read_text()
     joined = re.sub(r"\\\n(\s*#[^\n]*\n)*", " ", text)  # line continuations (and comments inside them)
     out = []
     for raw in joined.splitlines():
@@ -750,8 +834,35 @@ def test_dockerfile_runs_the_sidecar_as_non_root_under_tini() -> None:
     assert any(k == "RUN" and "tini" in r and "apt-get install" in r for k, r in steps)
 
 
-def test_dockerfile_keeps_the_layout_the_code_looks_for() -> None:
-    steps = dockerfile_instructions()
+def pip_installs(steps: list[tuple[str, str]]) -> list[list[str]]:
+    """The arguments of every `pip install` (or `python3 -m pip install`) in the RUN steps."""
+    out = []
+    for keyword, rest in steps:
+        if keyword != "RUN":
+            continue
+        lexer = shlex.shlex(rest, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        command: list[str] = []
+        for token in [*lexer, "&&"]:
+            if token not in {"&&", "||", ";", "|"}:
+                command.append(token)
+                continue
+            for i in range(len(command) - 1):
+                if Path(command[i]).name == "pip" and command[i + 1] == "install":
+                    out.append(command[i + 2 :])
+            command = []
+    return out
+
+
+def project_install(installs: list[list[str]]) -> list[str]:
+    """The one `pip install -e .` (or `-e ".[extra]"`) of the project."""
+    found = [a for a in installs if any(x == "-e" and y.split("[")[0] == "." for x, y in itertools.pairwise(a))]
+    assert len(found) == 1, f"expected one editable install of the project, found {found}"
+    return found[0]
+
+
+def check_repository_layout(steps: list[tuple[str, str]]) -> None:
+    """The source tree under WORKDIR with the repository's layout, installed editable."""
     copies = [r.split() for k, r in steps if k == "COPY"]
     for *sources, _ in copies:
         for source in sources:
@@ -764,9 +875,67 @@ def test_dockerfile_keeps_the_layout_the_code_looks_for() -> None:
     assert (workdir / presets.parts[0]).resolve() in copied
     for package in ("sidecar", "preprocess", "engine", "mm_sidecar"):
         assert (workdir / package).resolve() in copied
-    assert any(k == "RUN" and "pip install -e " in r for k, r in steps)
+    project_install(pip_installs(steps))
     assert ["pyproject.toml", "README.md", "./"] in copies, "pip install needs pyproject.toml and its readme"
+
+
+def dockerignore_patterns(name: str) -> list[str]:
+    lines = (DEPLOY / f"{name}.dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_keeps_the_layout_the_code_looks_for() -> None:
+    steps = dockerfile_instructions()
+    check_repository_layout(steps)
     default_config = next(r.split() for k, r in steps if k == "COPY" and r.endswith(SIDECAR_CONFIG_PATH))
     assert load_config(ROOT / default_config[0]).upstream.url == "http://127.0.0.1:8001"
-    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    ignored = dockerignore_patterns("Dockerfile")
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_dockerfile_vllm_adds_the_project_to_vllm_without_touching_torch() -> None:
+    """deploy/Dockerfile.vllm: vLLM 0.32's image plus this project, installed so that pip cannot
+    replace vLLM's torch (or anything else vLLM pinned), running as the sidecar's uid."""
+    steps = dockerfile_instructions("Dockerfile.vllm")
+    last = {keyword: rest for keyword, rest in steps}
+    args = dict(r.split("=", 1) for k, r in steps if k == "ARG" and "=" in r)
+    # A vLLM the plugin accepts, changeable with --build-arg VLLM_IMAGE=...
+    assert next(r for k, r in steps if k == "FROM") == "${VLLM_IMAGE}"
+    repository, _, tag = args["VLLM_IMAGE"].rpartition(":")
+    assert repository == "vllm/vllm-openai" and tag.startswith(f"v{SUPPORTED_VLLM}"), args["VLLM_IMAGE"]
+
+    # The project's install carries --no-deps (or a constraints file), and so does every other pip
+    # install here: nothing may resolve a torch, and no torch is named.
+    check_repository_layout(steps)
+    installs = pip_installs(steps)
+    assert installs
+    for install in installs:
+        constrained = any(a in {"-c", "--constraint"} or a.startswith("--constraint=") for a in install)
+        assert "--no-deps" in install or constrained, (
+            f"pip install {shlex.join(install)}: --no-deps or a constraints file, or pip may replace vLLM's torch"
+        )
+        assert not any(re.match(r"torch\b", a) for a in install), f"pip install {shlex.join(install)} names torch"
+        assert not any("[" in a for a in install), "no extras: the engine extra pins a torch of its own"
+    # Beside the project, only its own declared (pure-Python) dependencies that vLLM does not bring.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower() for d in pyproject["project"]["dependencies"]}
+    project = project_install(installs)
+    takes_value = {"-e", "-c", "--constraint", "-r", "--requirement", "-i", "--index-url", "--extra-index-url"}
+    extra = [
+        a for i, a in enumerate(project) if not a.startswith("-") and (i == 0 or project[i - 1] not in takes_value)
+    ]
+    assert {re.split(r"[<>=!~;\[ ]", a, maxsplit=1)[0].lower() for a in extra} <= declared, extra
+
+    # The build fails, not vLLM's start-up, if the plugin or the command is not there.
+    (install_run,) = [r for k, r in steps if k == "RUN" and project in pip_installs([(k, r)])]
+    assert "import engine.vllm_offload" in install_run
+    assert PLUGIN_NAME in install_run and "vllm.general_plugins" in install_run
+    assert "mm-sidecar vllm-engine --help" in install_run
+
+    # The sidecar's uid (the arena is 0600), the one the pods run as.
+    base_user = {k: r for k, r in dockerfile_instructions()}["USER"]
+    assert last["USER"] == base_user, f"USER {last['USER']}: the sidecar image's user, {base_user}"
+    (deployment,) = [d for d in load_yaml_docs(K8S / "base" / "deployment.yaml") if d["kind"] == "Deployment"]
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(base_user.split(":")[0])
+    assert json.loads(last["ENTRYPOINT"]) == ["mm-sidecar", "vllm-engine"]
+    assert dockerignore_patterns("Dockerfile.vllm") == dockerignore_patterns("Dockerfile")

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from sidecar.app import create_app
 from sidecar.app_keys import POOL
 
-from .conftest import assert_invariant, make_config
+from .conftest import assert_invariant, make_config, vllm_metrics
 from .hop import RecordingHop
 
 MODEL = VLLM_MODEL_NAME
@@ -63,22 +62,6 @@ async def sidecar_server(aiohttp_server: Any, upstream: str, **sections: dict[st
 
 def url_of(server: TestServer) -> str:
     return str(server.make_url("")).rstrip("/")
-
-
-async def vllm_metrics(url: str) -> dict[str, float]:
-    """vLLM's Prometheus gauges and counters, summed over labels (name -> value), plus the finished
-    requests by reason (`vllm:request_success_total:abort`, ...)."""
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
-        text = await resp.text()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r"^(vllm:[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", line)
-        if match:
-            values[match[1]] = values.get(match[1], 0.0) + float(match[3])
-            reason = re.search(r'finished_reason="([a-z]+)"', match[2] or "")
-            if reason:
-                values[f"{match[1]}:{reason[1]}"] = float(match[3])
-    return values
 
 
 async def wait_engine_idle(url: str, timeout_s: float = 20.0) -> float:

@@ -1,8 +1,11 @@
 """The vLLM tier, offload mode: the sidecar preprocesses, real vLLM (`mm-sidecar vllm-engine`, the plugin
 of engine/vllm_offload.py) copies the tensors out of the arena and never runs its own image processor.
 
-One vllm-engine serves the module (the tiny Qwen2-VL, TP=1); the session's `vllm_server` (the same
-checkpoint, plain vLLM) is the reference for "vLLM processing the image itself". Every claim about vLLM
+One vllm-engine serves the module: the tiny Qwen2-VL with two tensor-parallel ranks (TP=2, vLLM's CPU
+backend runs it here), so the design is checked where it matters: vLLM's API server alone reads the
+arena and its own transport carries the tensors to both ranks. The session's `vllm_server` (the same
+checkpoint, plain vLLM, TP=1) is the reference for "vLLM processing the image itself"; TP=1 offload is
+what `tests/test_bench_smoke.py` runs through the benchmark. Every claim about vLLM
 is observed from vLLM's side: its answers (greedy `token_ids` via `return_token_ids`,
 `prompt_token_ids`, `usage`), its /health, and the plugin's probe log in vLLM's API server process
 (one line per HF-processor call and per arena copy).
@@ -48,14 +51,15 @@ from mm_sidecar import vllm_engine as cli
 from preprocess.processors import decode, load_processor, run_processor
 from preprocess.protocol import DESCRIPTOR_ERROR, shm_token
 from sidecar.app import create_app
-from sidecar.app_keys import PIPELINE, STATE
+from sidecar.app_keys import PIPELINE, POOL, STATE
 
-from .conftest import assert_invariant, make_config
+from .conftest import assert_invariant, make_config, vllm_metrics
 
 MODEL = "tiny"
 SIZES = ((336, 224), (448, 336))  # multiples of 28: no resize in either processor
 PROMPT = "Describe the image."
 LOGPROB_TOLERANCE = 1e-4
+TP = 2
 
 
 def png(width: int, height: int, seed: int) -> bytes:
@@ -109,8 +113,22 @@ def offload(vllm_server: Service, tmp_path_factory: pytest.TempPathFactory) -> I
     model = model_root(vllm_server.url)
     logs = tmp_path_factory.mktemp("vllm-engine")
     probe = logs / "probe.log"
-    with vllm_engine(model, logs, probe_log=probe) as service:
+    with vllm_engine(model, logs, tp=TP, probe_log=probe) as service:
         yield Offload(service, model, probe)
+
+
+def process_titles(pgid: int) -> list[str]:
+    """The process titles (argv[0], which vLLM sets to `VLLM::...`) of process group `pgid`."""
+    titles = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) == pgid:
+                titles.append(Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+        except OSError:  # gone meanwhile
+            continue
+    return titles
 
 
 class Hop:
@@ -235,6 +253,9 @@ async def test_offloaded_answers_equal_vllm_processing_the_images_itself(
     async with aiohttp.ClientSession() as http, http.get(offload.url + "/health") as resp:
         assert resp.status == 200
         assert await resp.json() == {"status": "ok", "shm": {"dir": "/dev/shm", "token": shm_token("/dev/shm")}}
+    # Two tensor-parallel ranks really serve it (vLLM titles its processes).
+    workers = sorted(t for t in process_titles(os.getpgid(offload.service.pid)) if t.startswith("VLLM::Worker"))
+    assert workers == [f"VLLM::Worker_TP{rank}" for rank in range(TP)], workers
     hop = Hop(offload.url)
     hop_server = await aiohttp_server(hop.app())
     server = await sidecar(aiohttp_server, url_of(hop_server), offload.model)
@@ -261,6 +282,9 @@ async def test_offloaded_answers_equal_vllm_processing_the_images_itself(
             # vLLM's API server copied each image out of the arena and never ran its image processor.
             assert hf_calls(copies) == [], (label, copies)
             assert len([line for line in copies if "arena_copy" in line]) == len(images), (label, copies)
+            # Only the API server (the pid vllm-engine exec'd) reads the arena, never a rank.
+            readers = {int(pid) for pid in re.findall(r"pid=(\d+) arena_copy", "\n".join(copies))}
+            assert readers == {offload.service.pid}, (label, readers, offload.service.pid)
             # The same request as data URLs, to the same vllm-engine: its processor runs.
             assert hf_calls(offload.lines(mark)), label
 
@@ -462,6 +486,99 @@ async def test_client_disconnect_between_handoff_and_ack_leaves_nothing(offload:
         assert not [line for line in offload.lines(mark) if "arena_copy" in line]
         async with http.get(offload.url + "/health") as resp:
             assert resp.status == 200
+
+
+# --------------------------------------------------------------------------------------------------
+# The ack timeout, with a queue behind it
+
+
+async def test_an_ack_timeout_passes_the_slot_on_and_vllm_reads_nothing_stale(
+    offload: Offload, aiohttp_server: Any
+) -> None:
+    """vLLM does not answer the first request within `ack_timeout_s` (the hop holds it) while two more
+    wait in the gate's queue: the first gets 504 naming the limit, its slot and extent go at once to the
+    queue, and its descriptors, reaching vLLM only afterwards, are stale: vLLM copies nothing for them."""
+    hop = Hop(offload.url)
+    hop.release.clear()
+    hop_server = await aiohttp_server(hop.app())
+    ack_timeout_s = 4
+    server = await sidecar(
+        aiohttp_server,
+        url_of(hop_server),
+        offload.model,
+        upstream={"ack_timeout_s": ack_timeout_s},
+        gate={"max_concurrent": 1, "queue_timeout_s": 120},
+    )
+    bodies = [chat_body([png_url(*SIZES[0], seed=20 + i)], max_tokens=2) for i in range(3)]
+    async with aiohttp.ClientSession() as http:
+
+        async def send(body: dict[str, Any]) -> tuple[int, Any]:
+            url = url_of(server) + "/v1/chat/completions"
+            async with http.post(url, json=body, timeout=aiohttp.ClientTimeout(120)) as resp:
+                return resp.status, await resp.json()
+
+        first = asyncio.create_task(send(bodies[0]))
+        await asyncio.wait_for(hop.arrived.wait(), 60)
+        rest = [asyncio.create_task(send(body)) for body in bodies[1:]]
+        deadline = time.monotonic() + 30
+        while server.app[POOL].stats().queued != 2:
+            assert time.monotonic() < deadline, server.app[POOL].stats()
+            await asyncio.sleep(0.02)
+        status, answer = await asyncio.wait_for(first, ack_timeout_s + 30)
+        assert status == 504, answer
+        assert answer["error"]["code"] == "upstream_timeout", answer
+        assert f"upstream.ack_timeout_s={ack_timeout_s}" in answer["error"]["message"], answer
+        # The slot went to the queue: the next request is on its way to vLLM (held by the hop).
+        deadline = time.monotonic() + 60
+        while len(hop.bodies) < 2:
+            assert time.monotonic() < deadline, "the queued request was not forwarded after the timeout"
+            await asyncio.sleep(0.02)
+        assert server.app[POOL].stats().queued == 1
+        mark = offload.mark()
+        hop.release.set()
+        done = await asyncio.wait_for(asyncio.gather(*rest), 120)
+        assert [s for s, _ in done] == [200, 200], done
+        assert all(a["usage"]["prompt_tokens"] > 96 for _, a in done), done
+        deadline = time.monotonic() + 60
+        while len(hop.answers) < 3:
+            assert time.monotonic() < deadline, hop.answers
+            await asyncio.sleep(0.05)
+    # The timed-out request's descriptors were stale when vLLM got them: the fixed refusal, no copy.
+    refused = [json.loads(p)["error"]["message"] for s, p in hop.answers if s == 400]
+    assert refused == [DESCRIPTOR_ERROR], hop.answers
+    copies = [line for line in offload.lines(mark) if "arena_copy" in line]
+    assert len(copies) == 2, copies
+    await assert_invariant(server)
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM's prefix cache keys offloaded images by their tensors, not by their descriptors
+
+
+async def test_vllms_prefix_cache_hits_a_repeated_offloaded_image(offload: Offload, aiohttp_server: Any) -> None:
+    """The same image twice (a fresh extent each time, so different descriptors) hits vLLM's prefix
+    cache for its full blocks; another image of the same size, with the same text, hits none of the
+    blocks that hold image tokens. With the CPU backend's 128-token blocks the one-image prompt (132
+    tokens) has one full block, and it holds the image."""
+    server = await sidecar(aiohttp_server, offload.url, offload.model)
+    image, other = png_url(*SIZES[0], seed=30), png_url(*SIZES[0], seed=31)
+    async with aiohttp.ClientSession() as http:
+
+        async def hits_of(url: str) -> tuple[float, int]:
+            before = (await vllm_metrics(offload.url))["vllm:prefix_cache_hits_total"]
+            answer = await post(http, url_of(server), chat_body([url], max_tokens=1))
+            after = (await vllm_metrics(offload.url))["vllm:prefix_cache_hits_total"]
+            return after - before, answer["usage"]["prompt_tokens"]
+
+        cold, prompt_tokens = await hits_of(image)
+        repeat, _ = await hits_of(image)
+        fresh, _ = await hits_of(other)
+    full_blocks = prompt_tokens // 128 * 128
+    assert full_blocks > 0, prompt_tokens
+    assert cold == 0, cold
+    assert repeat == full_blocks, (repeat, prompt_tokens)
+    assert fresh == 0, fresh
+    await assert_invariant(server)
 
 
 # --------------------------------------------------------------------------------------------------
