@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -52,12 +53,14 @@ DEFAULT_ROWS = (
 class VllmRow:
     """`engine` (vLLM alone), `passthrough:G[b]`, or `offload:G` (the sidecar preprocesses into its arena,
     vLLM runs as `mm-sidecar vllm-engine` and reads the tensors); a `+cache` suffix keeps vLLM's processor
-    cache on (passthrough and engine rows)."""
+    cache on (passthrough and engine rows); `+uint8` sends uint8 pixels (offload rows:
+    preprocess.transport_dtype uint8, vllm-engine --pixels uint8, vLLM normalises on the device)."""
 
     gate: int | None
     by_bytes: bool = False
     cache: bool = False
     offload: bool = False
+    pixels: str = "float32"
 
     @property
     def mode(self) -> str:
@@ -66,7 +69,7 @@ class VllmRow:
     @property
     def label(self) -> str:
         name = "vLLM alone" if self.gate is None else f"sidecar {self.mode}"
-        return name + (" (processor cache on)" if self.cache else "")
+        return name + (" (processor cache on)" if self.cache else "") + (" uint8" if self.pixels == "uint8" else "")
 
     @property
     def gate_label(self) -> str:
@@ -77,13 +80,18 @@ class VllmRow:
     @property
     def short(self) -> str:
         base = "vLLM" if self.gate is None else f"{self.mode[:4]} {self.gate}{'b' if self.by_bytes else ''}"
-        return base + ("+cache" if self.cache else "")
+        return base + ("+cache" if self.cache else "") + ("+u8" if self.pixels == "uint8" else "")
 
     @classmethod
     def parse(cls, text: str) -> VllmRow:
         spec, plus, suffix = text.strip().partition("+")
-        if plus and suffix != "cache":
-            raise ValueError(f"--rows: unknown suffix +{suffix} in {text!r} (only +cache)")
+        if plus and suffix not in ("cache", "uint8"):
+            raise ValueError(f"--rows: unknown suffix +{suffix} in {text!r} (only +cache, +uint8)")
+        if suffix == "uint8":
+            mode, _, gate = spec.partition(":")
+            if mode != "offload" or not gate.isdigit() or int(gate) < 1:
+                raise ValueError(f"--rows: +uint8 goes with offload:G, got {text!r}")
+            return cls(int(gate), offload=True, pixels="uint8")
         mode, _, gate = spec.partition(":")
         if mode == "engine" and not gate:
             return cls(None, cache=bool(plus))
@@ -94,7 +102,7 @@ class VllmRow:
         if mode == "offload" and gate.isdigit() and int(gate) >= 1 and not plus:
             return cls(int(gate), offload=True)
         raise ValueError(
-            f"--rows: with --engine vllm expected engine, passthrough:G[b] (+cache) or offload:G, got {text!r}"
+            f"--rows: with --engine vllm expected engine, passthrough:G[b] (+cache) or offload:G (+uint8), got {text!r}"
         )
 
 
@@ -160,14 +168,14 @@ def run_row(
     interval_s: float,
     timeout_s: float,
     rgb_per_image: int,
-    arena_per_slot: int,
+    arena_per_slot: dict[str, int],
     workers: int,
 ) -> VllmResult:
     from .gate_table import Row, sidecar_config  # noqa: PLC0415 - the reference table's sidecar config
 
     with contextlib.ExitStack() as stack:
         if row.offload:
-            eng = stack.enter_context(services.vllm_engine(model, logs))
+            eng = stack.enter_context(services.vllm_engine(model, logs, pixels=row.pixels))
         else:
             eng = stack.enter_context(services.vllm(model, logs, processor_cache_gb=None if row.cache else 0))
         side = None
@@ -177,12 +185,14 @@ def run_row(
                 eng.url,
                 model=model,
                 requests=len(bodies),
-                arena=int(row.gate * arena_per_slot * 1.01) + 1024**2,
+                arena=int(row.gate * arena_per_slot[row.pixels] * 1.01) + 1024**2,
                 workers=workers,
                 timeout_s=timeout_s,
                 rgb_per_image=rgb_per_image,
             )
-            config["upstream"]["engine"] = "vllm"  # vLLM's answer shape; offload: its ack is the headers
+            config["upstream"]["engine"] = "vllm"  # vLLM's answer shape; offload: its ack is the first byte
+            if row.offload:
+                config["preprocess"]["transport_dtype"] = row.pixels
             side = stack.enter_context(services.sidecar(config, logs))
         target = eng.url if side is None else side.url
         # Warm both paths once (vLLM compiles and allocates on its first image and text request), so the
@@ -283,7 +293,9 @@ def main(args: Any, argv: Sequence[str]) -> int:
     from preprocess.extents import reservation_size  # noqa: PLC0415
     from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
 
-    per_image = output_nbytes(read_spec(resolve_processor(str(model))), width, height)
+    spec = read_spec(resolve_processor(str(model)))
+    per_image = output_nbytes(spec, width, height)
+    per_image_u8 = output_nbytes(dataclasses.replace(spec, pixel_dtype="uint8"), width, height)
     count = args.images or args.requests  # distinct by default: a cache row must not hit on a repeat
     jpegs = [photo_jpeg(width, height, seed=i) for i in range(count)]
     bodies = [chat_body(image_url=data_url(jpegs[i % len(jpegs)])) for i in range(args.requests)]
@@ -305,7 +317,7 @@ def main(args: Any, argv: Sequence[str]) -> int:
                     interval_s=args.interval_ms / 1000,
                     timeout_s=args.row_timeout_s,
                     rgb_per_image=width * height * 3,
-                    arena_per_slot=reservation_size(per_image),
+                    arena_per_slot={"float32": reservation_size(per_image), "uint8": reservation_size(per_image_u8)},
                     workers=args.workers,
                 )
             result.other_cpu = row_load.foreign_share
@@ -332,8 +344,10 @@ def main(args: Any, argv: Sequence[str]) -> int:
         "sidecar: passthrough, stream_upgrade on (vLLM's first streamed byte is the ack); 'bytes of G' rows: "
         f"gate.max_concurrent = N and gate.max_bytes = G x {size(width * height * 3)} of decoded RGB; "
         f"offload rows: {args.workers} preprocessing workers, arena = gate x {size(reservation_size(per_image))} "
-        "(+1%), vLLM as `mm-sidecar vllm-engine` (reads the arena, never runs the image processor), the ack at "
-        "vLLM's response headers; upstream.engine: vllm in every sidecar row",
+        f"(float32) or {size(reservation_size(per_image_u8))} ('uint8' rows: preprocess.transport_dtype uint8, "
+        "vllm-engine --pixels uint8, vLLM normalises on the device) (+1%), vLLM as `mm-sidecar vllm-engine` "
+        "(reads the arena, never runs the image processor), the ack at vLLM's first streamed byte; "
+        "upstream.engine: vllm in every sidecar row",
         f"memory: PSS of vLLM's process tree and of the sidecar's, sampled every {args.interval_ms:.0f} ms "
         "(bench/memory.py); 'extra' = the tree's peak during the burst minus its idle PSS just before it",
     ]

@@ -16,7 +16,16 @@
 All three are started (processors loaded) before any is timed, and each batch is timed `--rounds`
 times per variant, interleaved: round r runs the variants in rotated order, so a slow spell of a
 shared machine falls on all of them. Rates are from each variant's median round; every row also lists
-pipeline / plain round by round.
+pipeline / plain round by round. Workers and plain processes alike use the fast path where it covers
+the processor (`--fast-path on`, the default, as `preprocess.fast_path`), so pipeline / plain stays
+the price of the pipeline itself.
+
+Fast path vs transformers (a second table): one process pinned to one CPU (OMP/MKL/OpenBLAS threads 1)
+times, image by image and interleaved (the order alternates every image), `decode` + the transformers
+processor against `decode` + `preprocess.fastpath` writing into an arena extent, for each of
+`--fast-presets` (`<preset>/default` is the preset at transformers' default min/max_pixels) and
+`--fast-sizes`. It also times the steps on their own (decode, PIL's resize, the rest of the fast
+path), which bound the speedup: the fast path makes the same resize call as transformers.
 
     .venv/bin/python -m bench.preprocess_throughput
 """
@@ -26,17 +35,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 import multiprocessing
 import os
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess.worker import HEAP_SLACK, STAGE_MAX, HeapKeeper
+from preprocess.worker import HEAP_SLACK, STAGE_MAX, HeapKeeper, fast_path_for
 
 from . import services
 from .common import MiB
@@ -46,7 +56,8 @@ from .report import append_results, base_parser, command_line, plot_path, save_p
 from .stats import markdown_table, size, verdict
 
 TARGET_RATIO = 0.9
-SIZES = {"1080p": (1920, 1080), "12MP": (4032, 3024)}
+SIZES = {"720p": (1280, 720), "1080p": (1920, 1080), "12MP": (4032, 3024)}
+FAST_TARGET = 3.0  # issue 15: decode + fast path >= 3x decode + transformers, one core
 
 
 @dataclass(frozen=True)
@@ -105,13 +116,36 @@ class RowResult:
         return self._busy(self.plain)
 
 
-def _plain_main(preset: str, conn: Any, trim: bool) -> None:
+class Scratch:
+    """A reused, pre-touched buffer standing in for the arena extents a worker writes the fast path into."""
+
+    def __init__(self) -> None:
+        import numpy as np  # noqa: PLC0415
+
+        self._np = np
+        self._buf = np.ones(0, np.uint8)
+
+    def views(self, shapes: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, Any]:
+        np = self._np
+        sizes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in shapes.values()]
+        offsets = [sum(sizes[:i]) + 64 * i for i in range(len(sizes))]
+        if offsets[-1] + sizes[-1] > self._buf.nbytes:
+            self._buf = np.ones(offsets[-1] + sizes[-1], np.uint8)  # written: resident, as the arena is
+        return {
+            name: self._buf[off : off + n].view(dtype).reshape(shape)
+            for (name, (shape, dtype)), off, n in zip(shapes.items(), offsets, sizes, strict=True)
+        }
+
+
+def _plain_main(preset: str, conn: Any, trim: bool, fast_path: bool = True) -> None:
     import binascii  # noqa: PLC0415
 
     from preprocess.processors import decode, load_processor, run_processor  # noqa: PLC0415
 
     heap = HeapKeeper() if trim else None
     processor = load_processor(preset)
+    fast = fast_path_for(processor) if fast_path else None
+    scratch = Scratch()
     conn.send("ready")
     while True:
         try:
@@ -128,9 +162,14 @@ def _plain_main(preset: str, conn: Any, trim: bool) -> None:
         trims = 0
         for text in texts:
             started = time.perf_counter()
-            outputs = run_processor(processor, decode(binascii.a2b_base64(text.encode("ascii"), strict_mode=True)))
+            image = decode(binascii.a2b_base64(text.encode("ascii"), strict_mode=True))
+            if fast is not None and fast.accepts(image):  # what a worker does (preprocess.worker)
+                fast.write(image, scratch.views(fast.output_shapes(image.width, image.height)))
+            else:
+                outputs = run_processor(processor, image)
+                del outputs
             busy += time.perf_counter() - started
-            del outputs
+            del image
             if heap is not None:
                 trims += heap.after_image()
         conn.send(("done", busy, trims))
@@ -139,12 +178,12 @@ def _plain_main(preset: str, conn: Any, trim: bool) -> None:
 class Plain:
     """`workers` plain processes with `preset` loaded."""
 
-    def __init__(self, preset: str, workers: int, *, trim: bool = False) -> None:
+    def __init__(self, preset: str, workers: int, *, trim: bool = False, fast_path: bool = True) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conns, self.procs = [], []
         for _ in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_plain_main, args=(preset, child, trim), daemon=True)
+            proc = ctx.Process(target=_plain_main, args=(preset, child, trim, fast_path), daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -201,6 +240,7 @@ async def _interleaved(
     instance: str,
     rounds: int,
     plains: dict[str, Plain],
+    fast_path: bool,
 ) -> dict[str, dict[str, list[Round]]]:
     """label -> variant -> its rounds: one ImagePipeline (processor loaded once) and the loaded plain processes.
 
@@ -218,7 +258,13 @@ async def _interleaved(
     need = {label: reservation_size(output_nbytes(spec, *dims[label])) for label in batches}
     arena_size = in_flight * max(need.values()) + 4 * MiB
     pipeline = ImagePipeline(
-        processor=preset, workers=workers, task_timeout_s=300, instance=instance, directory="/dev/shm", size=arena_size
+        processor=preset,
+        workers=workers,
+        task_timeout_s=300,
+        instance=instance,
+        directory="/dev/shm",
+        size=arena_size,
+        fast_path=fast_path,
     )
     out: dict[str, dict[str, list[Round]]] = {}
     await pipeline.start()
@@ -236,7 +282,7 @@ async def _interleaved(
                     finally:
                         hold.release()
                     r = done.result
-                    return r.decode_s + r.preprocess_s + r.write_s, r.heap_trimmed, staged
+                    return r.decode_s + r.preprocess_s, r.heap_trimmed, staged  # preprocess_s: write included
 
             async def piped(texts: list[str] = texts) -> Round:
                 started = time.perf_counter()
@@ -270,15 +316,267 @@ def run_preset(
     *,
     instance: str,
     rounds: int,
+    fast_path: bool = True,
 ) -> dict[str, dict[str, list[Round]]]:
     with contextlib.ExitStack() as stack:
         plains: dict[str, Plain] = {}
         for name, trim in (("plain", False), ("policy", True)):
-            plains[name] = Plain(preset, workers, trim=trim)
+            plains[name] = Plain(preset, workers, trim=trim, fast_path=fast_path)
             stack.callback(plains[name].close)
         return asyncio.run(
-            _interleaved(preset, workers, batches, dims, instance=instance, rounds=rounds, plains=plains)
+            _interleaved(
+                preset, workers, batches, dims, instance=instance, rounds=rounds, plains=plains, fast_path=fast_path
+            )
         )
+
+
+# -- fast path vs transformers, one core ---------------------------------------------------------------
+
+
+@dataclass
+class FastRow:
+    """One processor and size: per-image seconds of both variants (paired), and of the steps alone."""
+
+    processor: str
+    size: str
+    resized: tuple[int, int] = (0, 0)  # (width, height) the processor resizes to
+    out_bytes: int = 0
+    transformers: list[float] = field(default_factory=list)  # decode + the transformers processor
+    fast: list[float] = field(default_factory=list)  # decode + the fast path into an arena extent
+    decode: list[float] = field(default_factory=list)
+    resize: list[float] = field(default_factory=list)  # PIL's resize call alone (the same in both variants)
+    fast_write: list[float] = field(default_factory=list)  # the fast path alone, resize included
+    not_covered: str = ""
+
+    @property
+    def speedup(self) -> float:
+        """Median over images of the paired ratio (the two variants ran back to back on each image)."""
+        return statistics.median(t / f for t, f in zip(self.transformers, self.fast, strict=True))
+
+    @property
+    def bound(self) -> float:
+        """The speedup if everything but decode and the resize were free (paired per image, median)."""
+        floors = [d + z for d, z in zip(self.decode, self.resize, strict=True)]
+        return statistics.median(t / f for t, f in zip(self.transformers, floors, strict=True))
+
+
+def _processor_dir(name: str, tmp: str) -> str:
+    """A preset, or `<preset>/default`: that preset's config without min/max_pixels (transformers' defaults)."""
+    import json  # noqa: PLC0415
+
+    from preprocess.processors import CONFIG_NAME, resolve_processor  # noqa: PLC0415
+
+    preset, _, variant = name.partition("/")
+    if not variant:
+        return preset
+    if variant != "default":
+        raise ValueError(f"--fast-presets: {name!r}: only <preset>/default is known")
+    config = json.loads((resolve_processor(preset) / CONFIG_NAME).read_text())
+    for key in ("min_pixels", "max_pixels", "size"):
+        config.pop(key, None)
+    directory = Path(tmp) / name.replace("/", "-")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(config))
+    return str(directory)
+
+
+def _compare_main(name: str, jobs: dict[str, list[bytes]], rounds: int, cpu: int, conn: Any) -> None:
+    """One process, one CPU: decode + transformers vs decode + fast path, image by image; results to `conn`."""
+    import tempfile  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from preprocess.arena import Arena, segment_name  # noqa: PLC0415
+    from preprocess.extents import pack_tensors, reservation_size  # noqa: PLC0415
+    from preprocess.fastpath import NotCovered, Qwen2VLFastPath  # noqa: PLC0415
+    from preprocess.processors import decode, load_processor, run_processor  # noqa: PLC0415
+    from preprocess.protocol import segment_size_for  # noqa: PLC0415
+
+    os.sched_setaffinity(0, {cpu})
+    clock = time.perf_counter
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = load_processor(_processor_dir(name, tmp))
+    rows = {label: FastRow(name, label) for label in jobs}
+    try:
+        fast = Qwen2VLFastPath.for_processor(processor)
+    except NotCovered as exc:
+        for row in rows.values():
+            row.not_covered = str(exc)
+        conn.send(rows)
+        return
+    first = {label: decode(datas[0]) for label, datas in jobs.items()}
+    shapes = {label: fast.output_shapes(*image.size) for label, image in first.items()}
+    packed = {
+        label: pack_tensors([math.prod(dims) * np.dtype(dtype).itemsize for dims, dtype in v.values()])
+        for label, v in shapes.items()
+    }
+    largest = max(total for _, total in packed.values())
+    arena = Arena.create(segment_name(f"fastbench-{os.getpid()}"), segment_size_for(reservation_size(largest)))
+    try:
+        extent = arena.reserve(largest)  # one extent, reused: its pages stay mapped, as a worker's arena does
+        assert extent is not None
+
+        def transformers(data: bytes) -> float:
+            started = clock()
+            outputs = run_processor(processor, decode(data))
+            took = clock() - started
+            del outputs
+            return took
+
+        def fast_path(data: bytes) -> float:
+            started = clock()
+            image = decode(data)
+            shape = fast.output_shapes(image.width, image.height)
+            offsets, _ = pack_tensors([math.prod(dims) * np.dtype(dtype).itemsize for dims, dtype in shape.values()])
+            views = {
+                key: arena.ndarray_view(extent, offset, dtype, dims)
+                for (key, (dims, dtype)), offset in zip(shape.items(), offsets, strict=True)
+            }
+            fast.write(image, views)  # as preprocess.worker does
+            took = clock() - started
+            views.clear()
+            return took
+
+        for label, datas in jobs.items():
+            row = rows[label]
+            h, w = fast.resized_size(first[label].width, first[label].height)
+            row.resized, row.out_bytes = (w, h), packed[label][1]
+
+            def steps(data: bytes, row: FastRow = row, size: tuple[int, int] = (w, h)) -> None:
+                """The fast path's steps timed one by one: decode, PIL's resize alone, the fast path."""
+                started = clock()
+                image = decode(data)
+                row.decode.append(clock() - started)
+                started = clock()
+                if image.size != size:
+                    image.resize(size, resample=fast.resample, reducing_gap=None)
+                row.resize.append(clock() - started)
+                shape = fast.output_shapes(image.width, image.height)
+                offsets, _ = pack_tensors(
+                    [math.prod(dims) * np.dtype(dtype).itemsize for dims, dtype in shape.values()]
+                )
+                views = {
+                    key: arena.ndarray_view(extent, offset, dtype, dims)
+                    for (key, (dims, dtype)), offset in zip(shape.items(), offsets, strict=True)
+                }
+                started = clock()
+                fast.write(image, views)
+                row.fast_write.append(clock() - started)
+                views.clear()
+
+            transformers(datas[0])  # warm-up: lazy imports, first-touch of the allocator's arenas
+            fast_path(datas[0])
+            variants = [
+                lambda data, row=row: row.transformers.append(transformers(data)),
+                lambda data, row=row: row.fast.append(fast_path(data)),
+                steps,
+            ]
+            for r in range(rounds):
+                for i, data in enumerate(datas):
+                    # All three on the same image back to back, in rotated order: a slow spell of a
+                    # shared machine falls on all of them.
+                    k = (r + i) % len(variants)
+                    for run in variants[k:] + variants[:k]:
+                        run(data)
+        arena.free(extent)
+    finally:
+        arena.close()
+    conn.send(rows)
+
+
+def compare(names: Sequence[str], jobs: dict[str, list[bytes]], rounds: int) -> list[FastRow]:
+    """Run `_compare_main` for each processor in a fresh spawned process on the last allowed CPU."""
+    ctx = multiprocessing.get_context("spawn")
+    cpu = max(os.sched_getaffinity(0))
+    threads = {var: "1" for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    saved = {var: os.environ.get(var) for var in threads}
+    out: list[FastRow] = []
+    os.environ.update(threads)  # read by the child at start-up (spawn)
+    try:
+        for name in names:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_compare_main, args=(name, jobs, rounds, cpu, child), daemon=True)
+            proc.start()
+            child.close()
+            try:
+                if not parent.poll(1800):
+                    raise RuntimeError(f"fast path comparison for {name} took more than 30 min")
+                rows: dict[str, FastRow] = parent.recv()
+            finally:
+                proc.join(30)
+                if proc.is_alive():
+                    proc.kill()
+                parent.close()
+            out.extend(rows.values())
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+    return out
+
+
+def fast_table(rows: Sequence[FastRow], images: int, rounds: int) -> tuple[str, list[str]]:
+    def ms(values: list[float]) -> str:
+        return f"{1000 * statistics.median(values):.1f}"
+
+    headers = [
+        "processor",
+        "image",
+        "resized to",
+        "pixel_values per image",
+        "decode + transformers ms",
+        "decode + fast path ms",
+        "speedup",
+        f"target >= {FAST_TARGET:.0f}x",
+        "decode ms",
+        "resize ms",
+        "fast path minus resize ms",
+        "bound: decode + resize only",
+    ]
+    table_rows: list[list[object]] = []
+    targeted: list[bool] = []
+    for r in rows:
+        if r.not_covered:
+            table_rows.append([r.processor, r.size, "-", "-", "-", "-", "-", "not covered: transformers", *"----"])
+            continue
+        # The issue's target: 720p and 1080p at the preset's own max_pixels.
+        target = "/" not in r.processor and r.size in ("720p", "1080p")
+        if target:
+            targeted.append(r.speedup >= FAST_TARGET)
+        rest = statistics.median(w - z for w, z in zip(r.fast_write, r.resize, strict=True))
+        table_rows.append(
+            [
+                r.processor,
+                f"{r.size} {SIZES[r.size][0]}x{SIZES[r.size][1]}",
+                f"{r.resized[0]}x{r.resized[1]}" + ("" if r.resized != SIZES[r.size] else " (no resize)"),
+                size(r.out_bytes),
+                ms(r.transformers),
+                ms(r.fast),
+                f"{r.speedup:.2f}x",
+                verdict(r.speedup >= FAST_TARGET) if target else "(reported)",
+                ms(r.decode),
+                ms(r.resize),
+                f"{1000 * rest:.1f}",
+                f"{r.bound:.2f}x",
+            ]
+        )
+    notes = [
+        f"fast path vs transformers, one process pinned to one CPU, OMP/MKL/OpenBLAS threads 1: {images} JPEGs "
+        f"(4 distinct) x {rounds} rounds per row; each image is run by both variants and by the steps one by "
+        "one, back to back in rotated order; ms are medians, speedup and bound the medians of per-image ratios",
+        f"target: decode + fast path >= {FAST_TARGET:.0f}x decode + transformers at 720p and 1080p, presets at their "
+        f"own max_pixels: {verdict(bool(targeted) and all(targeted))}; 12MP rows and `<preset>/default` rows "
+        "(transformers' default min/max_pixels, 3136 / 1003520, where 1080p and 12MP are scaled down) are reported",
+        "both variants start from the same `decode` and make the same PIL resize call (bit parity needs PIL's own "
+        "fixed-point resampling), so decode ms + resize ms is a floor under both; 'bound' is decode + transformers "
+        "over that floor, the speedup if everything else in the fast path were free. 'fast path minus resize': "
+        "patch order (uint8) and the pair gather writing float32 into the destination",
+        "decode + fast path writes into an arena extent (pre-touched shared memory, as a worker does); "
+        "decode + transformers keeps the processor's own fresh arrays and is not copied anywhere",
+    ]
+    return markdown_table(headers, table_rows), notes
 
 
 def table(results: Sequence[RowResult], workers: int) -> tuple[str, list[str]]:
@@ -365,12 +663,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images-12mp", type=int, default=8, dest="n_12mp")
     parser.add_argument("--workers", type=int, default=nproc(), help="workers and plain processes (default nproc)")
     parser.add_argument("--rounds", type=int, default=5, help="timed batches per variant, interleaved (default 5)")
+    parser.add_argument(
+        "--fast-path", choices=("on", "off"), default="on", help="workers' and plain processes' fast path (default on)"
+    )
+    parser.add_argument(
+        "--fast-presets",
+        default=None,
+        help="processors for the one-core fast path vs transformers table; <preset>/default: at transformers' "
+        "default min/max_pixels; '' for none (default: --presets, and <preset>/default for the Qwen ones)",
+    )
+    parser.add_argument("--fast-sizes", default="720p,1080p,12MP", help="sizes for that table (default all)")
+    parser.add_argument("--fast-images", type=int, default=8, help="JPEGs per size in that table (default 8)")
+    parser.add_argument("--fast-rounds", type=int, default=3, help="times each JPEG runs there (default 3)")
     args = parser.parse_args(argv)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     labels = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    if unknown := set(labels) - set(SIZES):
-        parser.error(f"--sizes: unknown {sorted(unknown)}")
-    counts = {"1080p": args.n_1080p, "12MP": args.n_12mp}
+    fast_labels = [s.strip() for s in args.fast_sizes.split(",") if s.strip()]
+    if unknown := (set(labels) | set(fast_labels)) - set(SIZES):
+        parser.error(f"--sizes / --fast-sizes: unknown {sorted(unknown)}")
+    if args.fast_presets is None:
+        fast_presets = [x for p in presets for x in ((p, f"{p}/default") if p.startswith("qwen") else (p,))]
+    else:
+        fast_presets = [p.strip() for p in args.fast_presets.split(",") if p.strip()]
+    counts = {"720p": args.n_1080p, "1080p": args.n_1080p, "12MP": args.n_12mp}
     texts = {
         label: [base64.b64encode(photo_jpeg(*SIZES[label], seed=i)).decode("ascii") for i in range(4)]
         for label in labels
@@ -386,7 +701,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n, preset in enumerate(presets):
             print(f"[{preset}] pipeline, plain processes, plain + heap policy: {args.rounds} rounds...", flush=True)
             runs = run_preset(
-                preset, args.workers, batches, dims, instance=f"bench{os.getpid()}x{n}", rounds=args.rounds
+                preset,
+                args.workers,
+                batches,
+                dims,
+                instance=f"bench{os.getpid()}x{n}",
+                rounds=args.rounds,
+                fast_path=args.fast_path == "on",
             )
             spec = read_spec(resolve_processor(preset))
             for label in labels:
@@ -409,8 +730,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"(by round: {' '.join(f'{x:.2f}' for x in r.round_ratios)})",
                     flush=True,
                 )
+        fast_rows: list[FastRow] = []
+        if fast_presets and fast_labels:
+            print(f"[fast path vs transformers, one CPU] {', '.join(fast_presets)}...", flush=True)
+            jpegs = {
+                label: [photo_jpeg(*SIZES[label], seed=i % 4) for i in range(args.fast_images)] for label in fast_labels
+            }
+            fast_rows = compare(fast_presets, jpegs, args.fast_rounds)
     services.check_no_leftovers()
     text, notes = table(results, args.workers)
+    if fast_rows:
+        fast_text, more = fast_table(fast_rows, args.fast_images, args.fast_rounds)
+        text += "\n\nFast path vs transformers, one core:\n\n" + fast_text
+        notes += more
     print("\n" + text + "\n\n" + "\n".join(notes))
     png = plot(results, plot_path(args.out, "preprocess_throughput", argv), not args.no_plot)
     jpeg_kib = {label: sum(len(t) * 3 // 4 for t in texts[label]) // len(texts[label]) // 1024 for label in labels}
@@ -421,7 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for label in labels
         ),
         f"presets as shipped (qwen2-vl max_pixels 12845056: no downscale; llava-1.5: CLIP 336); {args.workers} "
-        "workers = plain processes; OMP_NUM_THREADS as inherited; one warm-up task per process first; "
+        f"workers = plain processes, fast path {args.fast_path} in both; OMP_NUM_THREADS as inherited; one "
+        "warm-up task per process first; "
         f"{args.rounds} rounds per variant, interleaved in rotated order; rates from each variant's median round",
     ]
     append_results(

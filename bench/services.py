@@ -318,19 +318,21 @@ def vllm_engine(
     extra_args: Sequence[str] = (),
     start_timeout_s: float = 300,
     cpus: frozenset[int] | None = None,
+    pixels: str = "float32",
 ) -> Iterator[Service]:
     """`mm-sidecar vllm-engine` (vLLM's OpenAI server with the offload plugin, engine/vllm_offload.py)
     run by vLLM's interpreter, serving `model_dir` as "tiny" as `vllm()` does; healthy (its /health
     carries the shm token) on entry.
 
     `probe_log`: the plugin appends a line there for every HF-processor call and arena copy in vLLM's
-    API server. `extra_args`: more vLLM arguments, one token each.
+    API server. `extra_args`: more vLLM arguments, one token each. `pixels`: vllm-engine --pixels (the
+    sidecar's preprocess.transport_dtype).
     """
     port = free_port()
     serving, env = _vllm_serving(max_model_len, images_per_prompt, kv_cache_gb)
     argv = [vllm_python(), "-m", "mm_sidecar.cli", "--log-level", "WARNING", "vllm-engine"]
     argv += ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--tp", str(tp)]
-    argv += [f"--vllm-arg={token}" for token in (*serving, *extra_args)]
+    argv += ["--pixels", pixels, *(f"--vllm-arg={token}" for token in (*serving, *extra_args))]
     if probe_log is not None:
         env["MM_SIDECAR_VLLM_PROBE_LOG"] = str(probe_log)
     service = start_service(f"vllm-engine-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus, env=env)

@@ -13,6 +13,13 @@ each ``<|image_pad|>`` into one copy per merged patch of its image (``t*h*w // m
 adds the ``mm_token_type_ids`` the model needs to compute its 3-D (M-RoPE) positions. ``AutoProcessor``
 is not used on purpose: it always loads a video processor, which needs torchvision (see FACTS.md), and
 an engine that receives ready tensors has no use for the image processor anyway.
+
+Pixels arrive either as the processor's normalised float32 ``pixel_values`` or as its raw uint8 patches
+(the sidecar's ``preprocess.transport_dtype: uint8``: the same call with ``do_rescale=False,
+do_normalize=False``, the same patch layout, a quarter of the bytes). ``build_inputs`` turns uint8 ones
+into exactly the float32 the processor would have made, with the model's own normalisation
+(``ImageNormalization``, read from the checkpoint's ``preprocessor_config.json`` by the same loader the
+server uses); the server has already checked that a uint8 part was made for that normalisation.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ from typing import Any, Final
 
 import torch
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "VLModel"]
+from preprocess.processors import CONFIG_NAME, load_processor
+from preprocess.protocol import ImageNormalization
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "ImageNormalization", "VLModel"]
 
 # The families whose forward takes (pixel_values, image_grid_thw, mm_token_type_ids) and whose chat
 # template renders one <|image_pad|> per image part; both share the image processor geometry.
@@ -37,7 +47,15 @@ _TEXT_PART_TYPES: Final[frozenset[str]] = frozenset({"text", "input_text", "outp
 class VLModel:
     """A loaded Qwen2-VL-family model with its tokenizer; one instance per process (per TP rank)."""
 
-    def __init__(self, *, model: Any, tokenizer: Any, config: Any, name: str) -> None:
+    def __init__(
+        self,
+        *,
+        model: Any,
+        tokenizer: Any,
+        config: Any,
+        name: str,
+        normalization: ImageNormalization | None = None,
+    ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._config = config
@@ -47,7 +65,15 @@ class VLModel:
         self._merge_size: int = int(vision.spatial_merge_size)
         patch = int(vision.patch_size)
         # One row of pixel_values is one patch: channels x temporal frames x patch x patch values.
-        self._patch_values: int = int(vision.in_channels) * int(vision.temporal_patch_size) * patch * patch
+        self._channels: int = int(vision.in_channels)
+        self._patch_values: int = self._channels * int(vision.temporal_patch_size) * patch * patch
+        self._normalization = normalization
+        # uint8 pixel_values -> float32, by lookup (ImageNormalization.table); None: uint8 is refused.
+        self._pixel_table: torch.Tensor | None = None
+        if normalization is not None:
+            if len(normalization.image_mean) != self._channels or len(normalization.image_std) != self._channels:
+                raise ValueError(f"the image normalisation {normalization} does not have {self._channels} channels")
+            self._pixel_table = torch.from_numpy(normalization.table())
         self._stop_ids, self._pad_id = _stop_and_pad_ids(model, tokenizer)
 
     # -- loading ---------------------------------------------------------------------------------
@@ -85,7 +111,10 @@ class VLModel:
         if tokenizer.chat_template is None:
             # Some checkpoints ship the template for the processor only (chat_template.json).
             tokenizer.chat_template = _processor_chat_template(path)
-        return cls(model=model, tokenizer=tokenizer, config=config, name=path.resolve().name)
+        normalization = _image_normalization(path, int(config.vision_config.in_channels))
+        return cls(
+            model=model, tokenizer=tokenizer, config=config, name=path.resolve().name, normalization=normalization
+        )
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -116,6 +145,16 @@ class VLModel:
     def merge_size(self) -> int:
         return self._merge_size
 
+    @property
+    def image_channels(self) -> int:
+        return self._channels
+
+    @property
+    def normalization(self) -> ImageNormalization | None:
+        """What uint8 pixel_values are normalised with: the checkpoint's image processor's; None when the
+        checkpoint has none that rescales and normalises, and uint8 pixel_values are then refused."""
+        return self._normalization
+
     # -- inputs ------------------------------------------------------------------------------------
 
     def image_tokens(self, image_grid_thw: torch.Tensor) -> int:
@@ -129,8 +168,10 @@ class VLModel:
         """Model inputs (batch of one) for OpenAI chat ``messages`` and the tensors of their images.
 
         ``images[i]`` holds ``pixel_values`` (patches x values) and ``image_grid_thw`` (1 x 3) of the
-        i-th image part in message order. Raises ``ValueError`` naming the message, part or image that
-        does not fit.
+        i-th image part in message order. ``pixel_values`` are the processor's floating-point output,
+        or its raw uint8 patches, which are normalised here with the model's own ``normalization``
+        into exactly the float32 the processor would have made. Raises ``ValueError`` naming the
+        message, part or image that does not fit.
         """
         prompt_messages, image_parts = _template_messages(messages)
         if image_parts != len(images):
@@ -143,7 +184,7 @@ class VLModel:
         for index, image in enumerate(images):
             grid, pixel_values = self._check_image(index, image)
             grids.append(grid)
-            pixels.append(pixel_values)
+            pixels.append(self._normalized(pixel_values) if pixel_values.dtype == torch.uint8 else pixel_values)
             counts.append(self.image_tokens(grid))
 
         text = self._tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
@@ -202,9 +243,28 @@ class VLModel:
                 f"image {index}: pixel_values has shape {list(pixel_values.shape)}, expected {list(expected)} "
                 f"for image_grid_thw {[t, h, w]} (was it made by this model's image processor?)"
             )
-        if not pixel_values.dtype.is_floating_point:
-            raise ValueError(f"image {index}: pixel_values must be floating point, got {pixel_values.dtype}")
+        if pixel_values.dtype == torch.uint8:
+            if self._pixel_table is None:
+                raise ValueError(
+                    f"image {index}: pixel_values are uint8, but this model has no image normalisation to apply "
+                    "(its preprocessor_config.json does not rescale and normalise)"
+                )
+        elif not pixel_values.dtype.is_floating_point:
+            raise ValueError(f"image {index}: pixel_values must be floating point or uint8, got {pixel_values.dtype}")
         return grid, pixel_values
+
+    def _normalized(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """uint8 raw patches (rows x C*T*P*P, channel-major: column k is channel k // (T*P*P)) as the
+        processor's float32 pixel_values, bit for bit, on their own device; a new tensor (never a view
+        of a staging buffer). Every rank runs this on its own copy and gets the same bits: a lookup."""
+        assert self._pixel_table is not None
+        table = self._pixel_table.to(pixel_values.device)
+        rows, channels = pixel_values.shape[0], table.shape[0]
+        raw = pixel_values.reshape(rows, channels, -1)
+        out = torch.empty(raw.shape, dtype=torch.float32, device=pixel_values.device)
+        for c in range(channels):  # a channel at a time: the int64 indices take a third of the memory
+            out[:, c] = torch.take(table[c], raw[:, c].to(torch.int64))
+        return out.reshape(rows, -1)
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -282,6 +342,15 @@ def _tp_config(device: str) -> Any:
     if torch.device(device).type != expected:
         raise ValueError(f"tp=True places ranks on {expected!r} here (the current accelerator), not {device!r}")
     return DistributedConfig(tp_plan="auto", tp_size=dist.get_world_size())
+
+
+def _image_normalization(path: Path, channels: int) -> ImageNormalization | None:
+    """The normalisation of the checkpoint's image processor, loaded as the server loads it
+    (``preprocess.processors.load_processor``); None without a ``preprocessor_config.json``."""
+    if not (path / CONFIG_NAME).is_file():
+        return None
+    # The resolved path: a relative one could spell a preset's name, which load_processor would prefer.
+    return ImageNormalization.from_processor(load_processor(str(path.resolve())), channels)
 
 
 def _processor_chat_template(path: Path) -> str:

@@ -12,6 +12,15 @@ Two forms of image part:
   namespace, and the cause (bounds, segment names, generations, other files) describes the arena.
   The cause goes to the log, one line.
 
+A part's `pixel_values` are either the processor's normalised float32 or its raw uint8 patches
+(the sidecar's `preprocess.transport_dtype: uint8`), which every rank normalises itself in
+`VLModel.build_inputs`. A uint8 part must carry `"normalize": {"rescale_factor", "image_mean",
+"image_std"}`, the normalisation it was made for, and it must equal this model's own (its image
+processor's) exactly, float for float; a float32 part must not carry one (are its pixels normalised
+already or not?). Anything else is a 400 that names the part, before any tensor is handed off: a
+sidecar set up for another model's processor would otherwise be normalised with the wrong constants,
+silently. `/health` lists the dtypes taken (`shm.pixels`), which the sidecar checks before offloading.
+
 Model commands run one at a time on a single model thread (ranks must execute them in the same
 order), so the event loop stays free to accept requests and answer `/health`.
 
@@ -46,7 +55,7 @@ from preprocess.processors import decode, load_processor, run_processor
 from preprocess.procmem import tree_memory
 from preprocess.protocol import DESCRIPTOR_ERROR, DescriptorError, TensorDescriptor, shm_token
 
-from .model import VLModel
+from .model import ImageNormalization, VLModel
 from .ranks import Broadcast, Copy, Drop, Generate, Generated, HandoffError, Rank, Stop
 
 RANK = web.AppKey("rank", Rank)
@@ -113,8 +122,62 @@ async def _model(app: web.Application, command: Any, tensors: Any = None) -> Any
     return await loop.run_in_executor(app[MODEL_THREAD], app[RANK].issue, command, tensors)
 
 
-def _split_images(messages: Any) -> tuple[list[dict[str, Any]], list[tuple[str, Any]]]:
-    """Messages with every image part replaced by {"type": "image"}, and the images in order."""
+def _check_normalize(
+    part: dict[str, Any], descriptors: dict[str, TensorDescriptor], own: ImageNormalization | None, where: str
+) -> None:
+    """A part's `normalize` against its pixel_values' dtype and this model's normalisation (`own`).
+
+    uint8 pixel_values need one, equal to `own` exactly; any other dtype must come without one (JSON
+    null is absent). `normalize` is not covered by the descriptors' MAC, and need not be: it is never
+    trusted, only compared with the model's own configuration, and the model normalises with its own.
+    """
+    field = f"{where}.normalize"
+    given = part.get("normalize")
+    pixels = descriptors.get("pixel_values")
+    dtype = None if pixels is None else pixels.dtype
+    if dtype != "uint8":
+        if given is not None:
+            what = "no pixel_values" if dtype is None else f"{dtype} pixel_values"
+            raise _BadField(
+                field, f"{field}: only uint8 pixel_values carry a normalisation; this part has {what}, used as they are"
+            )
+        return
+    if own is None:
+        raise _BadField(
+            field,
+            f"{field}: this model's image processor does not rescale and normalise: it takes no uint8 pixel_values",
+        )
+    if given is None:
+        raise _BadField(
+            field,
+            f"{field}: uint8 pixel_values need the normalisation they were made for "
+            f"(rescale_factor, image_mean, image_std); this model's is {orjson.dumps(own.to_json()).decode()}",
+        )
+    try:
+        theirs = ImageNormalization.from_json(given, field)
+    except ValueError as exc:
+        raise _BadField(field, str(exc)) from None
+    if theirs != own:
+        for name in ("image_mean", "image_std"):
+            if len(getattr(theirs, name)) != len(getattr(own, name)):
+                raise _BadField(
+                    field,
+                    f"{field}.{name}: has {len(getattr(theirs, name))} values, this model's image processor "
+                    f"has {len(getattr(own, name))} (one per channel)",
+                )
+        raise _BadField(
+            field,
+            f"{field}: {orjson.dumps(theirs.to_json()).decode()} does not match this model's image processor "
+            f"({orjson.dumps(own.to_json()).decode()}): the sidecar's preprocess.processor must be the served model's",
+        )
+
+
+def _split_images(
+    messages: Any, normalization: ImageNormalization | None = None
+) -> tuple[list[dict[str, Any]], list[tuple[str, Any]]]:
+    """Messages with every image part replaced by {"type": "image"}, and the images in order.
+
+    `normalization`: the model's, which a uint8 part's `normalize` must equal (`_check_normalize`)."""
     if not isinstance(messages, list):
         raise ValueError("messages: must be an array")
     out: list[dict[str, Any]] = []
@@ -134,9 +197,11 @@ def _split_images(messages: Any) -> tuple[list[dict[str, Any]], list[tuple[str, 
                 if not isinstance(tensors, dict) or not tensors:
                     raise DescriptorError(f"messages[{i}].content[{j}].tensors: must be a non-empty object")
                 try:
-                    images.append(("tensors", {n: TensorDescriptor.from_json(d) for n, d in tensors.items()}))
+                    descriptors = {n: TensorDescriptor.from_json(d) for n, d in tensors.items()}
                 except DescriptorError as exc:
                     raise DescriptorError(f"messages[{i}].content[{j}]: {exc.detail}") from None
+                _check_normalize(part, descriptors, normalization, f"messages[{i}].content[{j}]")
+                images.append(("tensors", descriptors))
                 parts.append({"type": "image"})
             elif kind == "image_url":
                 url = part.get("image_url")
@@ -163,7 +228,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         if not isinstance(body, dict):
             raise ValueError("the request body must be a JSON object")
-        messages, images = _split_images(body.get("messages"))
+        messages, images = _split_images(body.get("messages"), app[SETTINGS]["normalization"])
         max_tokens = _max_tokens(body)
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
@@ -345,7 +410,8 @@ async def health(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "model": settings["model_name"],
-            "shm": {"dir": settings["shm_dir"], "token": settings["token"]},
+            # pixels: the pixel_values dtypes taken (the sidecar checks its preprocess.transport_dtype).
+            "shm": {"dir": settings["shm_dir"], "token": settings["token"], "pixels": settings["pixels"]},
             "memory": {"processes": memory.processes, "rss_bytes": memory.rss_bytes, "pss_bytes": memory.pss_bytes},
         }
     )
@@ -357,12 +423,23 @@ async def models(request: web.Request) -> web.Response:
 
 
 def create_engine_app(rank: Rank, *, model_dir: str, shm_dir: str, checksums: bool) -> web.Application:
+    processor = load_processor(model_dir)
+    # uint8 parts are checked against the model's normalisation, which is what build_inputs applies; it
+    # must be this processor's too, or the inline path and the uint8 path would disagree.
+    normalization = rank.model.normalization
+    served = ImageNormalization.from_processor(processor, rank.model.image_channels)
+    if normalization != served:
+        raise ValueError(
+            f"{model_dir}: the image processor's normalisation {served} is not the model's {normalization}"
+        )
     app = web.Application(client_max_size=1 << 30)
     app[RANK] = rank
     app[MODEL_THREAD] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     app[SETTINGS] = {
         "model_name": rank.model.model_name,
-        "processor": load_processor(model_dir),
+        "processor": processor,
+        "normalization": normalization,
+        "pixels": ["float32"] if normalization is None else ["float32", "uint8"],
         "shm_dir": shm_dir,
         "token": shm_token(shm_dir),
         "checksums": checksums,

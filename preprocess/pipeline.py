@@ -69,8 +69,12 @@ class ImagePipeline:
         on_restart: Callable[[str], None] | None = None,
         on_free: Callable[[], None] | None = None,
         nice: int = 0,
+        fast_path: bool = True,
+        pixels: str = "float32",
     ) -> None:
         self.processor = processor
+        self.fast_path = fast_path  # preprocess.fast_path (preprocess.fastpath, where it covers the processor)
+        self.pixels = pixels  # preprocess.transport_dtype
         self._nice = nice
         self._on_free = on_free  # memory came back (the gate may admit a waiter)
         self.directory = directory
@@ -91,7 +95,7 @@ class ImagePipeline:
         self.arena = Arena.create(name, self.size, directory=self.directory)
         self.pool = WorkerPool(
             workers=self._workers,
-            init=WorkerSetup(self.processor, name, self.directory),
+            init=WorkerSetup(self.processor, name, self.directory, self.fast_path, self.pixels),
             job=process_image,
             task_timeout_s=self._timeout,
             on_restart=self._on_restart,

@@ -222,8 +222,10 @@ class WorkerPool(Generic[S, T, R]):
                 task.future.set_exception(PoolClosed("the preprocessing pool is shutting down"))
             task.settle()
         for w in list(self._workers):
-            with contextlib.suppress(OSError):
-                w.conn.close()
+            # Unregistered before it is closed: a closed pipe's fd can no longer be named, and a stale
+            # registration would swallow the events of the next pipe that gets the same fd number
+            # (a second pool in the same event loop never saw its workers' "ready").
+            self._stop_reading(w)
             w.process.kill()
         for w in list(self._workers):
             await asyncio.to_thread(w.process.join, 5)

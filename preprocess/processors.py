@@ -69,6 +69,8 @@ from typing import Any, Final
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from .protocol import ImageNormalization
+
 __all__ = [
     "CONFIG_NAME",
     "DECODE_FORMATS",
@@ -178,6 +180,10 @@ class ProcessorSpec:
     resize_hw: tuple[int, int] | None = None
     shortest_edge: int | None = None
     crop_hw: tuple[int, int] | None = None
+    # The dtype pixel_values travel in: the processor's normalised float32, or (offload with
+    # preprocess.transport_dtype: uint8) the raw patches the engine normalises. Not in the file: the
+    # sidecar's config sets it (dataclasses.replace).
+    pixel_dtype: str = "float32"
 
 
 def read_spec(directory: str | Path) -> ProcessorSpec:
@@ -340,22 +346,46 @@ def load_processor(name_or_dir: str) -> Any:
         )
 
 
-def run_processor(processor: Any, image: Image.Image) -> dict[str, np.ndarray]:
+def run_processor(processor: Any, image: Image.Image, *, raw: bool = False) -> dict[str, np.ndarray]:
     """Every named output of ``processor`` for one image, as C-contiguous numpy arrays.
 
     ``return_tensors="np"`` is supported by the 5.x processors and avoids a torch round trip. The
     dtypes are float32 for ``pixel_values`` and int64 for ``image_grid_thw`` (what cost.py
     predicts). Errors the processor raises (such as Qwen2-VL's aspect-ratio limit) propagate
     unchanged; cost.py refuses those images before they get here.
+
+    ``raw`` (``preprocess.transport_dtype: uint8``): the same call without rescaling and normalising,
+    so ``pixel_values`` holds the resized pixels themselves, patchified exactly as the normalised ones
+    would be; they are whole numbers in 0..255 (the resize runs on the uint8 image) and come back as
+    uint8. `raw_normalisation` gives what the engine must apply to them.
     """
-    outputs = processor(images=image, return_tensors="np")
+    if raw:
+        outputs = processor(images=image, return_tensors="np", do_rescale=False, do_normalize=False)
+    else:
+        outputs = processor(images=image, return_tensors="np")
     arrays: dict[str, np.ndarray] = {}
     for name, value in outputs.items():
         if not isinstance(value, np.ndarray):
             raise TypeError(f"processor output {name!r} is {type(value).__name__}, expected numpy.ndarray")
+        array = value
+        if raw and name == "pixel_values":
+            array = value.astype(np.uint8)
+            # The cast must be exact: a processor that resized in float would have fractions here.
+            if not np.array_equal(array, value):
+                raise ValueError("raw pixel_values are not whole numbers in 0..255: this processor cannot send uint8")
         # A no-op for the contiguous arrays the processors return; a copy only if a version changes that.
-        arrays[name] = np.ascontiguousarray(value)
+        arrays[name] = np.ascontiguousarray(array)
     return arrays
+
+
+def raw_normalisation(processor: Any) -> dict[str, Any]:
+    """The ``normalize`` of a uint8 part: how an engine turns `run_processor(..., raw=True)`'s pixels
+    into the processor's own float32 (`preprocess.protocol.ImageNormalization`, transformers'
+    arithmetic bit for bit). ValueError for a processor that does not both rescale and normalise."""
+    norm = ImageNormalization.from_processor(processor, len(processor.image_mean))
+    if norm is None:
+        raise ValueError("this image processor does not rescale and normalise: it cannot send uint8 pixel_values")
+    return norm.to_json()
 
 
 # -- decoding ----------------------------------------------------------------------------------------

@@ -137,6 +137,7 @@ __all__ = [
     "VERSION",
     "ArenaReader",
     "DescriptorError",
+    "ImageNormalization",
     "SegmentHeader",
     "StaleDescriptor",
     "TensorDescriptor",
@@ -737,3 +738,84 @@ def shm_token(directory: str = "/dev/shm") -> str:
     except OSError:
         boot = "unknown"
     return f"{boot}:{os.stat(directory).st_dev}"
+
+
+# -- uint8 pixels: the normalisation the engine applies ----------------------------------------
+
+_NORMALIZE_KEYS: Final[tuple[str, ...]] = ("rescale_factor", "image_mean", "image_std")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageNormalization:
+    """How an image processor that rescales and normalises turns raw pixels (0..255) into pixel_values.
+
+    Per channel ``c``: ``(float32(float64(x) * rescale_factor) - float32(image_mean[c])) /
+    float32(image_std[c])``, the subtraction and division in float32. That is transformers' arithmetic
+    (``image_transforms.rescale`` upcasts to float64 and casts back to float32; ``normalize`` works in
+    the image's float32), so uint8 patches normalised this way equal the processor's own float32
+    output bit for bit. Equality (``==``) is exact, float for float: that is how a part's ``normalize``
+    is checked against the model's.
+    """
+
+    rescale_factor: float
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+
+    @classmethod
+    def from_processor(cls, processor: Any, channels: int) -> ImageNormalization | None:
+        """The processor's normalisation, one mean and std per channel; None when it does not both
+        rescale and normalise (its float32 pixels are then not this arithmetic of the raw ones)."""
+        if not (getattr(processor, "do_rescale", False) and getattr(processor, "do_normalize", False)):
+            return None
+
+        def per_channel(name: str) -> tuple[float, ...]:
+            value = getattr(processor, name)
+            # A single number applies to every channel, as transformers' normalize() reads it.
+            values = [value] * channels if isinstance(value, int | float) else list(value)
+            if len(values) != channels:
+                raise ValueError(f"the image processor's {name} has {len(values)} values for {channels} channels")
+            return tuple(float(v) for v in values)
+
+        return cls(float(processor.rescale_factor), per_channel("image_mean"), per_channel("image_std"))
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> ImageNormalization:
+        """A part's ``normalize`` object, exactly {rescale_factor: number, image_mean: [numbers],
+        image_std: [numbers]}; ValueError naming ``where`` otherwise. Numbers are taken as given
+        (an integer is the same float), never rounded."""
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: must be an object with {', '.join(_NORMALIZE_KEYS)}")
+        if set(value) != set(_NORMALIZE_KEYS):
+            got = ", ".join(sorted(str(k)[:40] for k in value)[:8]) or "none"
+            raise ValueError(f"{where}: must have exactly the keys {', '.join(_NORMALIZE_KEYS)} (got {got})")
+
+        def number(v: Any, field: str) -> float:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"{where}.{field}: must be a number")
+            return float(v)
+
+        def numbers(field: str) -> tuple[float, ...]:
+            values = value[field]
+            if not isinstance(values, list):
+                raise ValueError(f"{where}.{field}: must be an array of numbers, one per channel")
+            return tuple(number(v, f"{field}[{k}]") for k, v in enumerate(values))
+
+        return cls(number(value["rescale_factor"], "rescale_factor"), numbers("image_mean"), numbers("image_std"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rescale_factor": self.rescale_factor,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+
+    def table(self) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """(channels, 256) float32: the normalised value of every raw value in every channel, computed
+        with transformers' own numpy arithmetic. Each output value depends only on its channel and its
+        raw value, so looking it up here gives the same bits as computing it, on any device."""
+        raw = np.arange(256, dtype=np.uint8)
+        rescaled = (raw.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.array(self.image_mean, dtype=np.float32)
+        std = np.array(self.image_std, dtype=np.float32)
+        out: np.ndarray[Any, np.dtype[np.float32]] = (rescaled[None, :] - mean[:, None]) / std[:, None]
+        return out

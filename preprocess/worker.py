@@ -12,6 +12,12 @@ the worker checks its heap and gives freed memory back only when it holds too mu
 The cost model's predicted shapes travel with the task and are checked against the real outputs, so
 an admission that reserved the wrong number of bytes is an error here, not an overrun into a
 neighbour's extent.
+
+With ``fast_path`` on (the default, ``preprocess.fast_path``), a worker whose processor the fast
+path covers (`preprocess.fastpath`: Qwen2-VL / Qwen2.5-VL, proven bit-identical at start-up) writes
+the outputs straight into the extent instead of running the processor and copying; any other
+processor, or an image the fast path does not take, goes through transformers as before. The
+tensors are the same bits either way.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import binascii
 import ctypes
 import dataclasses
+import logging
+import math
 import os
 import time
 import traceback
@@ -26,13 +34,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .arena import Arena
 from .extents import Extent, pack_tensors
-from .processors import decode, load_processor, run_processor
+from .fastpath import NotCovered, Qwen2VLFastPath, SelfCheckFailed
+from .processors import decode, load_processor, raw_normalisation, run_processor
 from .spans import SpanText, Text
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]
+
+log = logging.getLogger("mm_sidecar.worker")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +52,22 @@ class WorkerState:
     processor: Any
     arena: Arena
     heap: HeapKeeper
+    fast: Qwen2VLFastPath | None = None  # None: every image goes through the processor
+    # preprocess.transport_dtype uint8: the processor's raw patches, and the normalisation the engine applies
+    normalize: dict[str, Any] | None = None
+
+
+def fast_path_for(processor: Any, *, raw: bool = False) -> Qwen2VLFastPath | None:
+    """The bit-identical fast path for `processor` (`raw`: its uint8 patches), or None (logged) where it
+    does not cover it."""
+    try:
+        return Qwen2VLFastPath.for_processor(processor, raw=raw)
+    except SelfCheckFailed as exc:
+        # Covered on paper, refused by its own proof: a transformers or Pillow change to look into.
+        log.warning("preprocessing fast path off: %s", exc)
+    except NotCovered as exc:
+        log.info("preprocessing fast path off: %s", exc)
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,9 +77,15 @@ class WorkerSetup:
     processor: str
     arena_name: str
     arena_dir: str
+    fast_path: bool = True  # preprocess.fast_path: use preprocess.fastpath where it covers the processor
+    pixels: str = "float32"  # preprocess.transport_dtype
 
     def __call__(self) -> WorkerState:
-        return WorkerState(load_processor(self.processor), Arena.attach(self.arena_name, self.arena_dir), HeapKeeper())
+        processor = load_processor(self.processor)
+        raw = self.pixels == "uint8"
+        fast = fast_path_for(processor, raw=raw) if self.fast_path else None
+        normalize = raw_normalisation(processor) if raw else None
+        return WorkerState(processor, Arena.attach(self.arena_name, self.arena_dir), HeapKeeper(), fast, normalize)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,10 +107,12 @@ class ImageTask:
 class ImageResult:
     tensors: dict[str, dict[str, Any]]  # name -> TensorDescriptor.to_json()
     used_nbytes: int
-    decode_s: float
-    preprocess_s: float
-    write_s: float
+    decode_s: float  # bytes (base64 included) to the decoded image
+    preprocess_s: float  # the decoded image to the tensors in the arena (write_s included)
+    write_s: float  # of preprocess_s, copying the processor's outputs into the arena (0: written in place)
     heap_trimmed: bool = False  # the worker gave its freed heap back after this image (HeapKeeper)
+    fast_path: bool = False  # written by preprocess.fastpath, not by the transformers processor
+    normalize: dict[str, Any] | None = None  # uint8 pixel_values: the normalisation the engine applies
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -222,15 +258,25 @@ def _process_image(state: WorkerState, task: ImageTask) -> ImageResult:
         data = _unstage(state, task, data)
     image = decode(_b64decode(data) if isinstance(data, str) else data)
     decoded = time.perf_counter()
-    outputs = run_processor(state.processor, image)
+    if state.fast is not None and state.fast.accepts(image):
+        tensors, total = _write_fast(state, task, state.fast, image)
+        written = time.perf_counter()
+        return ImageResult(
+            tensors=tensors,
+            used_nbytes=total,
+            decode_s=decoded - started,
+            preprocess_s=written - decoded,
+            write_s=0.0,
+            fast_path=True,
+            normalize=state.normalize,
+        )
+    outputs = run_processor(state.processor, image, raw=state.normalize is not None)
     processed = time.perf_counter()
 
     got = {name: (tuple(int(d) for d in a.shape), str(a.dtype)) for name, a in outputs.items()}
-    if got != task.expected:
-        raise RuntimeError(f"processor outputs {got} differ from the cost model's {task.expected}")
+    _check_expected(got, task)
     offsets, total = pack_tensors([a.nbytes for a in outputs.values()])
-    if total > task.extent.capacity:
-        raise RuntimeError(f"processor outputs take {total} bytes, the extent holds {task.extent.capacity}")
+    _check_fits(total, task)
     tensors = {
         name: state.arena.write(task.extent, offset, array).to_json()
         for (name, array), offset in zip(outputs.items(), offsets, strict=True)
@@ -240,6 +286,43 @@ def _process_image(state: WorkerState, task: ImageTask) -> ImageResult:
         tensors=tensors,
         used_nbytes=total,
         decode_s=decoded - started,
-        preprocess_s=processed - decoded,
+        preprocess_s=written - decoded,
         write_s=written - processed,
+        normalize=state.normalize,
     )
+
+
+def _write_fast(
+    state: WorkerState, task: ImageTask, fast: Qwen2VLFastPath, image: Image.Image
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """The fast path's outputs written in place in the extent: their descriptors and the payload total.
+
+    The shapes are known before any pixel is touched, so a cost-model mismatch fails before writing.
+    """
+    shapes = fast.output_shapes(image.width, image.height)  # ValueError where the processor refuses
+    _check_expected(shapes, task)
+    offsets, total = pack_tensors([math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in shapes.values()])
+    _check_fits(total, task)
+    views = {
+        name: state.arena.ndarray_view(task.extent, offset, dtype, shape)
+        for (name, (shape, dtype)), offset in zip(shapes.items(), offsets, strict=True)
+    }
+    try:
+        fast.write(image, views)
+    finally:
+        views.clear()  # a view left alive pins the arena's mapping
+    tensors = {
+        name: state.arena.descriptor(task.extent, offset, dtype, shape).to_json()
+        for (name, (shape, dtype)), offset in zip(shapes.items(), offsets, strict=True)
+    }
+    return tensors, total
+
+
+def _check_expected(got: Shapes, task: ImageTask) -> None:
+    if got != task.expected:
+        raise RuntimeError(f"processor outputs {got} differ from the cost model's {task.expected}")
+
+
+def _check_fits(total: int, task: ImageTask) -> None:
+    if total > task.extent.capacity:
+        raise RuntimeError(f"processor outputs take {total} bytes, the extent holds {task.extent.capacity}")

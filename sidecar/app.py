@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -122,6 +123,8 @@ async def _offload_ctx(app: web.Application) -> AsyncIterator[None]:
         workers=config.preprocess.workers,
         task_timeout_s=config.preprocess.task_timeout_s,
         nice=config.preprocess.worker_nice,
+        fast_path=config.preprocess.fast_path,
+        pixels=config.preprocess.transport_dtype,
         instance=config.shm.name,
         directory=config.shm.dir,
         # Data pages for exactly gate.max_bytes; the header page and the page table come on top.
@@ -165,7 +168,9 @@ async def _verify_engine(app: web.Application) -> None:
     token = shm_token(config.shm.dir)
     while True:
         try:
-            problem = await verify_shared_memory(upstream.session, upstream.base, config.upstream.health_path, token)
+            problem = await verify_shared_memory(
+                upstream.session, upstream.base, config.upstream.health_path, token, config.preprocess.transport_dtype
+            )
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
             await asyncio.sleep(0.5)
             continue
@@ -265,7 +270,10 @@ def create_app(
     app[STATE] = ServerState()
     app[BODIES] = BodyBudget(config.server.max_body_memory, config.server.text_body_share)
     if config.preprocess.processor is not None:
-        app[SPEC] = read_spec(resolve_processor(config.preprocess.processor))
+        spec = read_spec(resolve_processor(config.preprocess.processor))
+        if config.upstream.mode == "offload":  # the pixels the arena holds (passthrough: the engine's own)
+            spec = dataclasses.replace(spec, pixel_dtype=config.preprocess.transport_dtype)
+        app[SPEC] = spec
     if resolver is not None:
         app[RESOLVER] = resolver
     app.cleanup_ctx.append(_loop_lag_ctx)

@@ -292,13 +292,31 @@ class PreprocessConfig:
     max_concurrent_fetches: int = field(
         default=8, metadata=_bounds(ge=1, doc="remote images being fetched at once, all requests together")
     )
+    transport_dtype: Literal["float32", "uint8"] = field(
+        default="float32",
+        metadata=_bounds(
+            doc="offload: pixel_values in the arena: float32, normalised; uint8, raw patches (a quarter of the "
+            "bytes) that the engine normalises"
+        ),
+    )
+    fast_path: bool = field(
+        default=True,
+        metadata=_bounds(
+            doc="Qwen2-VL / Qwen2.5-VL: workers' fast path, bit-identical to transformers (false: transformers)"
+        ),
+    )
 
     def __post_init__(self) -> None:
+        family = None
         if self.processor is not None:
             try:
-                read_spec(resolve_processor(self.processor))
+                family = read_spec(resolve_processor(self.processor)).family
             except ProcessorError as exc:
                 raise ValueError(f"processor: {exc}") from None
+        # Engines normalise uint8 patches for the Qwen2-VL family only (vLLM on the device, the
+        # reference engine in build_inputs).
+        if self.transport_dtype == "uint8" and family != "qwen2_vl":
+            raise ValueError(f"transport_dtype: uint8 needs a Qwen2-VL-family processor, got {self.processor!r}")
 
 
 @dataclass(frozen=True, slots=True)

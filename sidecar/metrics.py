@@ -77,7 +77,7 @@ class Metrics:
         )
         self.preprocess_seconds = Histogram(
             "mm_sidecar_preprocess_seconds",
-            "Running the image processor on one image in a worker",
+            "One image in a worker from the decoded image to its tensors in the arena (fast path or processor)",
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )

@@ -166,18 +166,31 @@ async def preprocess_images(
         metrics.preprocess_seconds.observe(done.result.preprocess_s)
         part.node.clear()
         part.node.update({"type": "image_tensors", "tensors": {n: d.to_json() for n, d in done.tensors.items()}})
+        if done.result.normalize is not None:  # uint8 pixels: the engine normalises them (and checks this)
+            part.node["normalize"] = done.result.normalize
 
 
-async def verify_shared_memory(session: aiohttp.ClientSession, base: str, health_path: str, token: str) -> str | None:
-    """None when the engine sees our /dev/shm; else why not. Raises aiohttp/OS errors if unreachable."""
+async def verify_shared_memory(
+    session: aiohttp.ClientSession, base: str, health_path: str, token: str, pixels: str = "float32"
+) -> str | None:
+    """None when the engine sees our /dev/shm and takes our `pixels` (preprocess.transport_dtype); else
+    why not. Raises aiohttp/OS errors if unreachable."""
     async with session.get(base + health_path, timeout=aiohttp.ClientTimeout(total=5)) as resp:
         body = await resp.json(content_type=None)
-    theirs = (body.get("shm") or {}).get("token") if isinstance(body, dict) else None
+    shm = (body.get("shm") or {}) if isinstance(body, dict) else {}
+    theirs = shm.get("token") if isinstance(shm, dict) else None
     if theirs is None:
         return "the engine's health answer has no shm.token: it does not speak the offload protocol"
     if theirs != token:
         return (
             f"the engine sees a different shared memory (its token {theirs!r}, ours {token!r}): "
             "run it in the same pod/host with the same /dev/shm mounted, or use upstream.mode: passthrough"
+        )
+    # An engine that lists no pixel dtypes predates the list: it takes float32 only.
+    accepted = shm.get("pixels", ["float32"])
+    if not isinstance(accepted, list) or pixels not in accepted:
+        return (
+            f"the engine takes pixel_values as {accepted!r}, preprocess.transport_dtype is {pixels!r}: set the "
+            f"same on both sides (mm-sidecar vllm-engine --pixels {pixels})"
         )
     return None

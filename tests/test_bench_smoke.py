@@ -112,6 +112,9 @@ def test_vllm_gate_rows_parse() -> None:
     assert VllmRow.parse("offload:4") == VllmRow(4, offload=True) and VllmRow.parse("offload:4").mode == "offload"
     with pytest.raises(ValueError, match="offload:G"):
         VllmRow.parse("offload:1+cache")
+    assert VllmRow.parse("offload:2+uint8") == VllmRow(2, offload=True, pixels="uint8")
+    with pytest.raises(ValueError, match=r"\+uint8 goes with offload:G"):
+        VllmRow.parse("passthrough:1+uint8")
     with pytest.raises(ValueError, match="only \\+cache"):
         VllmRow.parse("engine+fast")
 

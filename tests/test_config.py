@@ -269,6 +269,18 @@ def test_offload_mode_needs_a_processor() -> None:
     assert c.upstream.mode == "offload"
 
 
+def test_uint8_transport_needs_a_qwen2_vl_family_processor() -> None:
+    # The engines normalise uint8 patches for the Qwen2-VL family only.
+    for processor in ("siglip", None):
+        message = config_error({"preprocess": {"processor": processor, "transport_dtype": "uint8"}})
+        assert message == (f"preprocess.transport_dtype: uint8 needs a Qwen2-VL-family processor, got {processor!r}"), (
+            message
+        )
+    c = from_mapping({"preprocess": {"processor": "qwen2.5-vl", "transport_dtype": "uint8"}})
+    assert c.preprocess.transport_dtype == "uint8"
+    assert "must be one of 'float32', 'uint8'" in config_error({"preprocess": {"transport_dtype": "bfloat16"}})
+
+
 def test_unknown_processor_is_refused_naming_the_presets() -> None:
     message = config_error({"preprocess": {"processor": "no-such-model"}})
     assert message.startswith("preprocess.processor: image processor 'no-such-model' is neither a preset (")

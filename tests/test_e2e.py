@@ -29,10 +29,11 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from preprocess.processors import decode, load_processor, run_processor
+from preprocess.cost import output_nbytes
+from preprocess.processors import decode, load_processor, read_spec, resolve_processor, run_processor
 from preprocess.protocol import DESCRIPTOR_ERROR, TensorDescriptor
 from sidecar.app import create_app
-from sidecar.app_keys import PIPELINE, POOL, STATE
+from sidecar.app_keys import PIPELINE, POOL, SPEC, STATE
 
 from .conftest import assert_invariant, engine_process, make_config
 
@@ -59,13 +60,13 @@ def expected_sums(data: bytes) -> dict[str, str]:
     return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for name, a in outputs.items()}
 
 
-async def sidecar(aiohttp_server: Any, engine: str) -> Any:
+async def sidecar(aiohttp_server: Any, engine: str, pixels: str = "float32") -> Any:
     config = make_config(
         engine,
         upstream={"mode": "offload", "ack_timeout_s": 60},
-        preprocess={"processor": "qwen2-vl", "workers": 1},
+        preprocess={"processor": "qwen2-vl", "workers": 1, "transport_dtype": pixels},
         gate={"max_concurrent": 2, "max_bytes": "192MiB"},
-        shm={"name": f"e2e-{os.getpid()}"},
+        shm={"name": f"e2e-{os.getpid()}-{pixels}"},
     )
     server = await aiohttp_server(create_app(config))
     async with asyncio.timeout(30):
@@ -127,6 +128,52 @@ async def test_openai_sdk_through_offload_to_two_ranks(aiohttp_server: Any, engi
         assert per_rank == [[want], [want]]
     assert all(isinstance(r, str) for r in results[4:])
     await assert_idle(server)
+
+
+async def test_uint8_pixels_give_the_float32_answers_in_a_quarter_of_the_bytes(
+    aiohttp_server: Any, engine_url: str
+) -> None:
+    """preprocess.transport_dtype uint8: the workers write the processor's raw patches, both ranks get
+    exactly those bytes, normalise them themselves (bit for bit transformers' float32) and answer what
+    the float32 sidecar's requests get; the sidecar prices a quarter of the bytes."""
+    images = [jpeg(320, 240, 11), jpeg(200, 500, 12), jpeg(333, 517, 13)]
+    answers: dict[str, list[tuple[str, int]]] = {}
+    for pixels in ("float32", "uint8"):
+        server = await sidecar(aiohttp_server, engine_url, pixels)
+        got = []
+        async with aiohttp.ClientSession() as http:
+            for data in images:
+                url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+                body = {
+                    "model": "tiny",
+                    "max_tokens": 6,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": url}},
+                                {"type": "text", "text": "?"},
+                            ],
+                        }
+                    ],
+                }
+                async with http.post(server.make_url("/v1/chat/completions"), json=body) as resp:
+                    answer = await resp.json()
+                    assert resp.status == 200, answer
+                    sums = json.loads(resp.headers["x-mm-tensor-sha256"])
+                outputs = run_processor(load_processor("qwen2-vl"), decode(data), raw=pixels == "uint8")
+                want = {n: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for n, a in outputs.items()}
+                assert sums == [[want], [want]], pixels  # each rank holds exactly these bytes
+                got.append((answer["choices"][0]["message"]["content"], answer["usage"]["prompt_tokens"]))
+        # The gate priced each image at its tensors' bytes in this dtype.
+        priced = server.app[SPEC].pixel_dtype
+        assert priced == pixels
+        await assert_idle(server)
+        answers[pixels] = got
+    assert answers["uint8"] == answers["float32"], answers
+    f32 = output_nbytes(dataclasses.replace(read_spec(resolve_processor("qwen2-vl")), pixel_dtype="float32"), 333, 517)
+    u8 = output_nbytes(dataclasses.replace(read_spec(resolve_processor("qwen2-vl")), pixel_dtype="uint8"), 333, 517)
+    assert u8 < f32 / 3.9, (u8, f32)  # pixel_values a quarter, plus the 24-byte grid
 
 
 async def test_anthropic_and_responses_translated_with_images(aiohttp_server: Any, engine_url: str) -> None:

@@ -18,8 +18,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from preprocess.processors import decode, load_processor, run_processor
-from preprocess.protocol import ArenaReader, DescriptorError, TensorDescriptor, shm_token
+from preprocess.processors import decode, load_processor, raw_normalisation, run_processor
+from preprocess.protocol import ArenaReader, DescriptorError, ImageNormalization, TensorDescriptor, shm_token
 from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, STATE
 from sidecar.hollow import HOLLOW_MIN_BODY
@@ -32,8 +32,9 @@ Behaviour = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse
 
 
 class FakeEngine:
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, pixels: list[str] | None = None) -> None:
         self.token = token or shm_token("/dev/shm")
+        self.pixels = pixels  # /health's shm.pixels; None: not listed (an engine that takes float32 only)
         self.reader = ArenaReader("/dev/shm")
         self.received: list[dict[str, np.ndarray]] = []
         self.bodies: list[dict[str, Any]] = []
@@ -51,7 +52,10 @@ class FakeEngine:
         self.reader.close()
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "shm": {"dir": "/dev/shm", "token": self.token}})
+        shm: dict[str, Any] = {"dir": "/dev/shm", "token": self.token}
+        if self.pixels is not None:
+            shm["pixels"] = self.pixels
+        return web.json_response({"status": "ok", "shm": shm})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -263,6 +267,54 @@ async def test_an_engine_on_another_shm_is_refused(offload: Any) -> None:
     assert not client.app[STATE].engine_verified
     resp = await client.post("/v1/chat/completions", json=chat_with_images((8, 8)))
     assert resp.status == 502 and "not been verified" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("listed", [None, ["float32"]])
+async def test_a_uint8_sidecar_refuses_an_engine_that_takes_float32_only(
+    offload: Any, listed: list[str] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _ = await offload(FakeEngine(pixels=listed), preprocess={"transport_dtype": "uint8"})
+    assert client.app[STATE].stop.is_set() and client.app[STATE].exit_code == 2
+    assert not client.app[STATE].engine_verified
+    refusal = [r.getMessage() for r in caplog.records if "offload mode refused" in r.getMessage()]
+    assert refusal and "['float32']" in refusal[0] and "--pixels uint8" in refusal[0], refusal
+
+
+async def test_uint8_transport_sends_raw_patches_and_their_normalisation(offload: Any) -> None:
+    client, engine = await offload(FakeEngine(pixels=["float32", "uint8"]), preprocess={"transport_dtype": "uint8"})
+    assert client.app[STATE].engine_verified
+    data = noise_png(333, 517)
+    body = {
+        "model": "m",
+        "max_tokens": 4,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()},
+                    }
+                ],
+            }
+        ],
+    }
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200, await resp.text()
+    (part,) = engine.bodies[0]["messages"][0]["content"]
+    processor = load_processor("qwen2-vl")
+    assert part["normalize"] == raw_normalisation(processor)
+    (got,) = engine.received
+    want = run_processor(processor, decode(data), raw=True)
+    assert got["pixel_values"].dtype == np.uint8 and np.array_equal(got["pixel_values"], want["pixel_values"])
+    assert np.array_equal(got["image_grid_thw"], want["image_grid_thw"])
+    # The engine's normalisation of those bytes is the processor's float32, bit for bit.
+    norm = ImageNormalization.from_json(part["normalize"], "normalize")
+    table = norm.table()
+    raw = got["pixel_values"].reshape(got["pixel_values"].shape[0], 3, -1)
+    floats = np.stack([table[c][raw[:, c]] for c in range(3)], axis=1).reshape(raw.shape[0], -1)
+    assert np.array_equal(floats, run_processor(processor, decode(data))["pixel_values"])
+    assert_all_free(client)
 
 
 async def test_engine_crash_and_restart_the_sidecar_recovers_by_itself(offload: Any, aiohttp_server: Any) -> None:

@@ -4,8 +4,10 @@ of engine/vllm_offload.py) copies the tensors out of the arena and never runs it
 One vllm-engine serves the module: the tiny Qwen2-VL with two tensor-parallel ranks (TP=2, vLLM's CPU
 backend runs it here), so the design is checked where it matters: vLLM's API server alone reads the
 arena and its own transport carries the tensors to both ranks. The session's `vllm_server` (the same
-checkpoint, plain vLLM, TP=1) is the reference for "vLLM processing the image itself"; TP=1 offload is
-what `tests/test_bench_smoke.py` runs through the benchmark. Every claim about vLLM
+checkpoint, plain vLLM, TP=1) is the reference for "vLLM processing the image itself". The module's
+sidecar sends uint8 pixels (`preprocess.transport_dtype: uint8`, `vllm-engine --pixels uint8`): vLLM
+normalises them on the device, as it does for the images it processes itself. Float32 pixels at TP=1
+are what `tests/test_bench_smoke.py` runs through the benchmark. Every claim about vLLM
 is observed from vLLM's side: its answers (greedy `token_ids` via `return_token_ids`,
 `prompt_token_ids`, `usage`), its /health, and the plugin's probe log in vLLM's API server process
 (one line per HF-processor call and per arena copy).
@@ -48,7 +50,7 @@ from PIL import Image
 from bench.services import REPO, Service, vllm_engine, vllm_python
 from engine.vllm_offload import UnsupportedVLLM, check_vllm_version
 from mm_sidecar import vllm_engine as cli
-from preprocess.processors import decode, load_processor, run_processor
+from preprocess.processors import decode, load_processor, raw_normalisation, run_processor
 from preprocess.protocol import DESCRIPTOR_ERROR, shm_token
 from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, STATE
@@ -60,6 +62,7 @@ SIZES = ((336, 224), (448, 336))  # multiples of 28: no resize in either process
 PROMPT = "Describe the image."
 LOGPROB_TOLERANCE = 1e-4
 TP = 2
+PIXELS = "uint8"  # preprocess.transport_dtype / vllm-engine --pixels
 
 
 def png(width: int, height: int, seed: int) -> bytes:
@@ -113,7 +116,7 @@ def offload(vllm_server: Service, tmp_path_factory: pytest.TempPathFactory) -> I
     model = model_root(vllm_server.url)
     logs = tmp_path_factory.mktemp("vllm-engine")
     probe = logs / "probe.log"
-    with vllm_engine(model, logs, tp=TP, probe_log=probe) as service:
+    with vllm_engine(model, logs, tp=TP, pixels=PIXELS, probe_log=probe) as service:
         yield Offload(service, model, probe)
 
 
@@ -180,7 +183,7 @@ JSON = {"content-type": "application/json"}
 async def sidecar(aiohttp_server: Any, engine_url: str, model: Path, **sections: dict[str, Any]) -> TestServer:
     base: dict[str, dict[str, Any]] = {
         "upstream": {"mode": "offload", "engine": "vllm", "ack_timeout_s": 120, "connect_timeout_s": 5},
-        "preprocess": {"processor": str(model), "workers": 1},
+        "preprocess": {"processor": str(model), "workers": 1, "transport_dtype": PIXELS},
         "gate": {"max_concurrent": 2, "max_bytes": "64MiB"},
         "shm": {"name": f"vllmoff-{os.getpid()}"},
     }
@@ -252,7 +255,8 @@ async def test_offloaded_answers_equal_vllm_processing_the_images_itself(
     # /health carries the token of this machine's /dev/shm; the sidecar verifies it and goes ready.
     async with aiohttp.ClientSession() as http, http.get(offload.url + "/health") as resp:
         assert resp.status == 200
-        assert await resp.json() == {"status": "ok", "shm": {"dir": "/dev/shm", "token": shm_token("/dev/shm")}}
+        shm = {"dir": "/dev/shm", "token": shm_token("/dev/shm"), "pixels": [PIXELS]}
+        assert await resp.json() == {"status": "ok", "shm": shm}
     # Two tensor-parallel ranks really serve it (vLLM titles its processes).
     workers = sorted(t for t in process_titles(os.getpgid(offload.service.pid)) if t.startswith("VLLM::Worker"))
     assert workers == [f"VLLM::Worker_TP{rank}" for rank in range(TP)], workers
@@ -285,6 +289,10 @@ async def test_offloaded_answers_equal_vllm_processing_the_images_itself(
             # Only the API server (the pid vllm-engine exec'd) reads the arena, never a rank.
             readers = {int(pid) for pid in re.findall(r"pid=(\d+) arena_copy", "\n".join(copies))}
             assert readers == {offload.service.pid}, (label, readers, offload.service.pid)
+            # uint8 patches: one byte per value, a quarter of the float32 transport.
+            copied = re.findall(r"pixel_values=\[(\d+), (\d+)\].*?nbytes=(\d+)", "\n".join(copies))
+            sizes = [(int(n), int(v), int(b)) for n, v, b in copied]
+            assert sizes and all(b == n * v for n, v, b in sizes), (label, sizes)
             # The same request as data URLs, to the same vllm-engine: its processor runs.
             assert hf_calls(offload.lines(mark)), label
 
@@ -387,8 +395,12 @@ async def test_forged_and_stale_descriptors_get_the_fixed_refusal_and_vllm_stays
     from preprocess.extents import pack_tensors
     from preprocess.protocol import segment_size_for
 
-    outputs = run_processor(load_processor(str(offload.model)), decode(png(*SIZES[0], seed=5)))
+    processor = load_processor(str(offload.model))
+    image = decode(png(*SIZES[0], seed=5))
+    outputs = run_processor(processor, image, raw=True)
+    normalize = raw_normalisation(processor)
     arrays = [np.ascontiguousarray(outputs["pixel_values"]), np.ascontiguousarray(outputs["image_grid_thw"])]
+    floats = np.ascontiguousarray(run_processor(processor, image)["pixel_values"])
     arena = Arena.create(segment_name(f"vllmoff-direct-{os.getpid()}"), segment_size_for(8 << 20))
     evil = Arena.create(segment_name(f"vllmoff-evil-{os.getpid()}"), segment_size_for(1 << 20))
     try:
@@ -399,11 +411,12 @@ async def test_forged_and_stale_descriptors_get_the_fixed_refusal_and_vllm_stays
         arena.publish(extent, total)
         key = arena.header.key
 
-        def part(pv: Any = pixels, g: Any = grid, **edit: Any) -> dict[str, Any]:
+        def part(pv: Any = pixels, g: Any = grid, norm: Any = normalize, **edit: Any) -> dict[str, Any]:
             tensors = {"pixel_values": pv.to_json(), "image_grid_thw": g.to_json()}
             for name, change in edit.items():
                 tensors[name] = change(tensors[name])
-            return {"type": "image_tensors", "tensors": tensors}
+            made = {"type": "image_tensors", "tensors": tensors}
+            return made if norm is None else {**made, "normalize": norm}
 
         forgeries = {
             "stale generation": part(g=dataclasses.replace(grid, generation=grid.generation + 1).signed(key)),
@@ -435,6 +448,18 @@ async def test_forged_and_stale_descriptors_get_the_fixed_refusal_and_vllm_stays
             status, text = await engine_chat(http, offload.url, [part(g=wrong)])
             assert status == 400 and "do not match" in text, text
             arena.free(other)
+            # uint8 pixels need the normalisation vLLM applies, and float32 ones are the wrong dtype here.
+            other_std = {**normalize, "image_std": [0.5, 0.5, 0.5]}
+            for label, bad in (("another std", part(norm=other_std)), ("no normalisation", part(norm=None))):
+                status, text = await engine_chat(http, offload.url, [bad])
+                assert status == 400 and "image_tensors.normalize" in text, (label, text)
+            spare = arena.reserve(floats.nbytes)
+            assert spare is not None
+            as_floats = arena.write(spare, 0, floats)
+            arena.publish(spare)
+            status, text = await engine_chat(http, offload.url, [part(pv=as_floats, norm=None)])
+            assert status == 400 and "do not match" in text and "uint8" in text, text
+            arena.free(spare)
             # Freed (as after an ack): the genuine descriptors are stale now.
             arena.free(extent)
             status, text = await engine_chat(http, offload.url, [part()])
@@ -486,6 +511,26 @@ async def test_client_disconnect_between_handoff_and_ack_leaves_nothing(offload:
         assert not [line for line in offload.lines(mark) if "arena_copy" in line]
         async with http.get(offload.url + "/health") as resp:
             assert resp.status == 200
+
+
+async def test_a_sidecar_sending_other_pixels_than_vllm_takes_refuses_to_start(
+    offload: Offload, aiohttp_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vllm-engine --pixels uint8 lists its dtype in /health; a float32 sidecar checks it before it sends
+    a descriptor, and stops (exit 2) with a message that says how to fix it, instead of 400 per request."""
+    other = "float32" if PIXELS == "uint8" else "uint8"
+    config = make_config(
+        offload.url,
+        upstream={"mode": "offload", "engine": "vllm"},
+        preprocess={"processor": str(offload.model), "workers": 1, "transport_dtype": other},
+        shm={"name": f"vllmoff-px-{os.getpid()}"},
+    )
+    server: TestServer = await aiohttp_server(create_app(config))
+    state = server.app[STATE]
+    await asyncio.wait_for(state.stop.wait(), 60)
+    assert state.exit_code == 2 and not state.engine_verified
+    refusal = [r.getMessage() for r in caplog.records if "offload mode refused" in r.getMessage()]
+    assert refusal and f"--pixels {other}" in refusal[0] and repr([PIXELS]) in refusal[0], refusal
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def main(model_dir: str) -> int:
     from vllm.multimodal.processing.inputs import ProcessorInputs
 
     from engine import vllm_offload as plugin
+    from preprocess.processors import load_processor, raw_normalisation
 
     try:
         plugin.check_vllm_version("0.33.0")
@@ -87,6 +88,29 @@ def main(model_dir: str) -> int:
     processor = MULTIMODAL_REGISTRY.create_processor(config)
     expect = plugin.expectations(config)
     check("expected dtype float32 without device normalisation", expect["dtype"] == "float32", expect)
+    fused = ModelConfig(model=model_dir, dtype="float32", mm_processor_cache_gb=0, mm_device_do_normalize=True)
+    raw = plugin.expectations(fused)
+    check("expected dtype uint8 with device normalisation", raw["dtype"] == "uint8", raw)
+    # The sidecar's uint8 parts carry its processor's normalisation: exactly what vLLM applies on the device.
+    ours = raw_normalisation(load_processor(model_dir))
+    check("the sidecar's normalisation is vLLM's", ours == raw["normalize"], (ours, raw["normalize"]))
+    plugin.check_normalize({"normalize": ours}, "uint8", raw)
+    for label, part in (
+        ("another std", {"normalize": {**ours, "image_std": [0.5, 0.5, 0.5]}}),
+        ("no normalisation", {}),
+    ):
+        try:
+            plugin.check_normalize(part, "uint8", raw)
+        except ValueError as exc:
+            check(f"uint8 part with {label} refused", "image_tensors.normalize" in str(exc), str(exc))
+        else:
+            check(f"uint8 part with {label} refused", False)
+    try:
+        plugin.check_normalize({"normalize": ours}, "float32", expect)
+    except ValueError as exc:
+        check("float32 part with a normalisation refused", "only uint8" in str(exc), str(exc))
+    else:
+        check("float32 part with a normalisation refused", False)
     hf = processor.info.get_hf_processor()
     tokenizer = processor.info.get_tokenizer()
     image_token = hf.image_token
