@@ -67,6 +67,10 @@ OFFLOAD_DRIFT_ALLOWED: dict[str, dict[tuple[str, str], str]] = {
     "k8s/overlays/offload-vllm/sidecar.yaml": {
         ("upstream", "engine"): "vLLM is the engine: answers re-assembled from upgraded streams take its shape",
         ("gate", "max_bytes"): "a real model on a GPU: the arena holds 2 requests of 16 1080p images (2 GiB)",
+        (
+            "preprocess",
+            "transport_dtype",
+        ): "uint8 pixels, which vLLM normalises on the device (bench: >= 1.0x from gate 2)",
     },
 }
 
@@ -518,10 +522,13 @@ def test_offload_overlay_runs_vllm_engine() -> None:
             vllm_args=options.vllm_args,
             environ=env,
             python="python3",
+            pixels=options.pixels,
         )
     except EngineCommandError as exc:
         pytest.fail(f"mm-sidecar vllm-engine would refuse to start: {exc}", pytrace=False)
     assert built.env["MM_SIDECAR_VLLM_OFFLOAD"] == "1"
+    # vLLM takes the pixels the sidecar sends (else the sidecar refuses to start: /health's shm.pixels).
+    assert options.pixels == config.preprocess.transport_dtype
     # vLLM's per-prompt image limit is the sidecar's.
     (limit,) = [a.partition("=")[2] for a in options.vllm_args if a.startswith("--limit-mm-per-prompt=")]
     assert json.loads(limit) == {"image": config.limits.max_images_per_request}
