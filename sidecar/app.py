@@ -47,6 +47,7 @@ from .connections import make_runner
 from .errors import Cause, SidecarError
 from .families import error_response, family_of_path
 from .gate import SHUTTING_DOWN_MESSAGE, SlotPool
+from .heap import GcPauses, freeze_heap
 from .hollow import background_executor
 from .metrics import Metrics
 from .offload import verify_shared_memory
@@ -192,10 +193,13 @@ async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
     saw a 20 ms stall one time in five; a 10 ms one sees every stall over 10 ms, as a lag between the
     stall less 10 ms and the stall. The cost is a loop wake-up per sample: 1.2-1.5% of a core measured on
     the 2-core dev VM, where waking an idle vCPU alone costs ~50 us (0.4-0.6% with the old 100 ms timer).
-    The CPU wait reads a /proc file, so it keeps 100 ms windows.
+    The CPU wait reads a /proc file, so it keeps 100 ms windows. Each tick also moves the garbage
+    collector's pauses since the last one into their histogram (heap.GcPauses).
     """
     metrics = app[METRICS]
     histogram, cpu_wait = metrics.loop_lag, metrics.loop_cpu_wait
+    pauses = GcPauses()
+    pause_by_generation = [metrics.gc_pause.labels(generation=str(g)) for g in range(3)]
     interval_s, window_s = 0.01, 0.1
     loop = asyncio.get_running_loop()
     waited = run_queue_wait()
@@ -208,6 +212,8 @@ async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
         nonlocal timer, waited, window_end
         now = loop.time()
         histogram.observe(max(0.0, now - due))
+        for generation, seconds in pauses.drain():
+            pause_by_generation[generation].observe(seconds)
         if now >= window_end:
             window_end = now + window_s
             if waited is not None and (got := run_queue_wait()) is not None:
@@ -222,10 +228,12 @@ async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
             metrics.tree_pss.set(tree.pss_bytes)
             await asyncio.sleep(1.0)
 
+    pauses.install()
     due = loop.time() + interval_s
     timer = loop.call_at(due, sample, due)
     task = asyncio.create_task(memory())
     yield
+    pauses.remove()
     timer.cancel()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -334,6 +342,9 @@ async def serve(
         on_app(app)
     runner = make_runner(app, config.server)  # header and keep-alive timeouts, handler cancellation
     await runner.setup()
+    # Start-up's objects (imports, config, app) exempt from collections from here on: a full
+    # collection over them held the loop 12-20 ms (sidecar/heap.py).
+    app[METRICS].gc_frozen.set(freeze_heap())
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     await site.start()
     address = _address(runner)
