@@ -58,6 +58,8 @@ from .report import append_results, base_parser, command_line, plot_path, save_p
 from .stats import markdown_table, ms, percentile, verdict
 from .text_isolation import CPU_WAIT_METRIC, LAG_METRIC, histogram_buckets, lag_quantile_bound, lag_share_above
 
+GC_PAUSE_METRIC = "mm_sidecar_gc_pause_seconds"
+
 TARGET_LAG_P99_S = 0.005
 KINDS = "abcde"
 _CHAT = "/v1/chat/completions"
@@ -294,27 +296,36 @@ class Result:
     sizes: dict[str, int] = field(default_factory=dict)
     answers: dict[str, dict[str, int]] = field(default_factory=dict)
     slowloris: dict[str, int] = field(default_factory=dict)
-    sidecar_cpu: tuple[float, float] | None = None  # split: shares of the sidecar's CPU it used / others used
+    gc_pauses: dict[float, float] = field(default_factory=dict)  # le -> collections, all generations
+    # split: shares of the sidecar's CPU it used / others used / the hypervisor took (steal)
+    sidecar_cpu: tuple[float, float, float] | None = None
 
 
-async def _scrape(session: Any, url: str) -> tuple[dict[float, float], dict[float, float]]:
+Histograms = tuple[dict[float, float], ...]
+
+
+async def _scrape(session: Any, url: str) -> Histograms:
+    """The loop's lag, its CPU wait and the collector's pauses, as cumulative buckets."""
     async with session.get(url) as resp:
         text = await resp.text()
-    return histogram_buckets(text, LAG_METRIC), histogram_buckets(text, CPU_WAIT_METRIC)
+    return tuple(histogram_buckets(text, metric) for metric in (LAG_METRIC, CPU_WAIT_METRIC, GC_PAUSE_METRIC))
 
 
-def _cpu_jiffies(cpus: frozenset[int], pid: int) -> tuple[int, int]:
-    """(busy jiffies of `cpus`, user + system jiffies of process `pid`): who used the sidecar's CPUs."""
-    busy = 0
+def _cpu_jiffies(cpus: frozenset[int], pid: int) -> tuple[int, int, int]:
+    """(busy jiffies of `cpus`, user + system jiffies of process `pid`, steal jiffies of `cpus`): who
+    used the sidecar's CPUs. Steal is time the hypervisor ran another guest on them: the loop thread
+    sees it as lag without CPU wait, as if code had blocked it."""
+    busy = steal = 0
     with open("/proc/stat") as f:
         for line in f:
             name, *values = line.split()
             if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
                 v = [int(x) for x in values]
                 busy += sum(v[:8]) - v[3] - v[4]  # all but idle and iowait (guest time is in user)
+                steal += v[7]
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return busy, int(fields[11]) + int(fields[12])
+    return busy, int(fields[11]) + int(fields[12]), steal
 
 
 async def _text_phase(
@@ -324,8 +335,8 @@ async def _text_phase(
     timeout_s: float,
     *,
     go: Callable[[], None],
-    snapshot: Callable[[], tuple[int, int]],
-) -> tuple[list[Outcome], float, dict[float, float], dict[float, float], tuple[int, int]]:
+    snapshot: Callable[[], tuple[int, int, int]],
+) -> tuple[list[Outcome], float, Histograms, tuple[int, ...]]:
     import aiohttp  # noqa: PLC0415
 
     body = chat_body(text="Say hello.")
@@ -333,7 +344,7 @@ async def _text_phase(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         for _ in range(3):  # warm the connection pool and the sidecar's first-request paths
             await post(session, url + _CHAT, body)
-        lag0, wait0 = await _scrape(session, url + "/metrics")
+        before = await _scrape(session, url + "/metrics")
         go()
         snap0 = snapshot()
         started = time.monotonic()
@@ -345,13 +356,14 @@ async def _text_phase(
             await asyncio.sleep(max(0.0, started + (i + 1) * interval_s - time.monotonic()))
         wall = time.monotonic() - started
         snap1 = snapshot()
-        lag1, wait1 = await _scrape(session, url + "/metrics")
+        after = await _scrape(session, url + "/metrics")
         outcomes = list(await asyncio.gather(*tasks))
 
     def diff(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:
         return {le: n - before.get(le, 0.0) for le, n in after.items()}
 
-    return outcomes, wall, diff(lag1, lag0), diff(wait1, wait0), (snap1[0] - snap0[0], snap1[1] - snap0[1])
+    histograms = tuple(diff(a, b) for a, b in zip(after, before, strict=True))
+    return outcomes, wall, histograms, tuple(one - zero for one, zero in zip(snap1, snap0, strict=True))
 
 
 def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: Placement | None) -> Result:
@@ -382,7 +394,7 @@ def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: P
                     raise RuntimeError("the hostile client did not build its bodies in 600 s")
                 _, result.sizes = parent.recv()
             cpus = placement.sidecar if placement is not None else frozenset(os.sched_getaffinity(0))
-            text, wall, lag, wait, (busy, own) = asyncio.run(
+            text, wall, (lag, wait, pauses), (busy, own, steal) = asyncio.run(
                 _text_phase(
                     side.url,
                     args.seconds,
@@ -393,9 +405,10 @@ def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: P
                 )
             )
             result.text, result.wall_s, result.lag, result.cpu_wait = text, wall, lag, wait
+            result.gc_pauses = pauses
             if placement is not None and wall > 0:
                 capacity = wall * len(cpus) * os.sysconf("SC_CLK_TCK")
-                result.sidecar_cpu = (own / capacity, max(0, busy - own) / capacity)
+                result.sidecar_cpu = (own / capacity, max(0, busy - own - steal) / capacity, steal / capacity)
             if proc is not None:
                 if not parent.poll(args.timeout_s + 60):
                     raise RuntimeError("the hostile client did not report")
@@ -416,6 +429,11 @@ def _bound(le: float) -> str:
     if math.isnan(le):  # no samples
         return "-"
     return "> 10 s" if le == float("inf") else f"<= {ms(le)}"
+
+
+def _pauses_above(pauses: dict[float, float], seconds: float) -> str:
+    total = pauses.get(float("inf"), 0.0)
+    return f"{total - pauses.get(seconds, 0.0):.0f} of {total:.0f}" if pauses else "-"
 
 
 def _size(n: int) -> str:
@@ -441,7 +459,8 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
         "loop lag max",
         "lag samples > 5 ms",
         "CPU-wait samples > 5 ms",
-        "sidecar's CPU: sidecar / others",
+        "GC pauses > 5 ms",
+        "sidecar's CPU: sidecar / others / stolen",
         "hostile requests",
     ]
     rows = []
@@ -460,7 +479,8 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
                 _bound(lag_quantile_bound(r.lag, 1.0)),
                 f"{100 * lag_share_above(r.lag, 0.005):.1f}% of {samples:.0f}",
                 f"{100 * lag_share_above(r.cpu_wait, 0.005):.1f}% of {waits:.0f}" if waits else "n/a",
-                f"{100 * r.sidecar_cpu[0]:.0f}% / {100 * r.sidecar_cpu[1]:.0f}%" if r.sidecar_cpu else "-",
+                _pauses_above(r.gc_pauses, 0.005),
+                " / ".join(f"{100 * share:.0f}%" for share in r.sidecar_cpu) if r.sidecar_cpu else "-",
                 str(sum(sum(v.values()) for v in r.answers.values())) if r.answers else "-",
             ]
         )
@@ -485,9 +505,11 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
         "/metrics before and after the variant; quantiles are the bounds of the buckets they fall in (a stall of "
         "d > 10 ms is one sample of d - 10 ms to d)",
         "CPU wait: the share of ~100 ms windows in which the loop's thread waited more than 5 ms for a CPU; lag "
-        "without it is the loop blocked by code. sidecar's CPU (split placement): how busy the sidecar kept the CPU "
-        "it runs on, and how busy everything else kept it (other processes of the machine, the kernel's interrupt "
-        "work)",
+        "without it is the loop blocked by code, by a garbage collection (GC pauses: mm_sidecar_gc_pause_seconds, "
+        "all generations, the same difference) or by the hypervisor. sidecar's CPU (split placement): how busy the "
+        "sidecar kept the CPU it runs on, how busy everything else kept it (other processes of the machine, the "
+        "kernel's interrupt work), and how much of it the hypervisor gave another guest (steal, which the loop's "
+        "thread cannot see as CPU wait)",
         "text: a non-streaming 'Say hello.' chat request every interval, open loop, through the sidecar to the "
         "minimal upstream; p50/p99 of those answered 200",
     ]

@@ -87,13 +87,13 @@ CPU_WAIT_METRIC = "mm_sidecar_event_loop_cpu_wait_seconds"
 
 
 def histogram_buckets(text: str, metric: str) -> dict[float, float]:
-    """le -> cumulative count of one histogram, from a Prometheus text page."""
+    """le -> cumulative count of one histogram, from a Prometheus text page (summed over its other labels)."""
     out: dict[float, float] = {}
     for line in text.splitlines():
         if line.startswith(metric + "_bucket{"):
             labels, _, value = line.rpartition(" ")
-            le = labels.split('le="', 1)[1].split('"', 1)[0]
-            out[float(le)] = float(value)
+            le = float(labels.split('le="', 1)[1].split('"', 1)[0])
+            out[le] = out.get(le, 0.0) + float(value)
     return out
 
 
