@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -63,7 +63,7 @@ from PIL import Image
 
 from .processors import run_processor
 
-__all__ = ["CHANNELS", "NotCovered", "Qwen2VLFastPath", "SelfCheckFailed", "Shapes"]
+__all__ = ["CHANNELS", "FastPath", "NotCovered", "Qwen2VLFastPath", "SelfCheckFailed", "Shapes"]
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]
 
@@ -91,6 +91,27 @@ class NotCovered(ValueError):
 
 class SelfCheckFailed(NotCovered):
     """A processor the fast path covers on paper whose outputs differ from the fast path's on a test image."""
+
+
+class FastPath(Protocol):
+    """What a worker needs of a fast path: built per processor by its class's ``for_processor``
+    (which proves it bit-identical or raises ``NotCovered``), then used per image."""
+
+    def accepts(self, image: Image.Image) -> bool:
+        """Whether this path takes ``image`` (else the worker runs transformers for it)."""
+        ...
+
+    def output_shapes(self, width: int, height: int) -> Shapes:
+        """Name -> (shape, dtype name) of the outputs for a ``width`` x ``height`` image."""
+        ...
+
+    def write(self, image: Image.Image, outputs: Mapping[str, npt.NDArray[Any]]) -> None:
+        """Fill caller-provided C-contiguous arrays of ``output_shapes``' shapes (views over an extent)."""
+        ...
+
+    def run(self, image: Image.Image) -> dict[str, npt.NDArray[Any]]:
+        """The outputs in new arrays (tests, benchmarks)."""
+        ...
 
 
 def _pair_table(table: npt.NDArray[np.float32]) -> npt.NDArray[np.uint64]:

@@ -38,7 +38,7 @@ from PIL import Image
 
 from .arena import Arena
 from .extents import Extent, pack_tensors
-from .fastpath import NotCovered, Qwen2VLFastPath, SelfCheckFailed
+from .fastpath import FastPath, NotCovered, Qwen2VLFastPath, SelfCheckFailed
 from .processors import decode, load_processor, raw_normalisation, run_processor
 from .spans import SpanText, Text
 
@@ -52,21 +52,30 @@ class WorkerState:
     processor: Any
     arena: Arena
     heap: HeapKeeper
-    fast: Qwen2VLFastPath | None = None  # None: every image goes through the processor
+    fast: FastPath | None = None  # None: every image goes through the processor
     # preprocess.transport_dtype uint8: the processor's raw patches, and the normalisation the engine applies
     normalize: dict[str, Any] | None = None
 
 
-def fast_path_for(processor: Any, *, raw: bool = False) -> Qwen2VLFastPath | None:
-    """The bit-identical fast path for `processor` (`raw`: its uint8 patches), or None (logged) where it
-    does not cover it."""
-    try:
-        return Qwen2VLFastPath.for_processor(processor, raw=raw)
-    except SelfCheckFailed as exc:
-        # Covered on paper, refused by its own proof: a transformers or Pillow change to look into.
-        log.warning("preprocessing fast path off: %s", exc)
-    except NotCovered as exc:
-        log.info("preprocessing fast path off: %s", exc)
+# Tried in order; each class's `for_processor` takes the processors it covers and refuses the rest.
+FAST_PATHS: tuple[Any, ...] = (Qwen2VLFastPath,)
+
+
+def fast_path_for(processor: Any, *, raw: bool = False) -> FastPath | None:
+    """The bit-identical fast path for `processor` (`raw`: its uint8 patches), or None (logged) where
+    none covers it."""
+    refusals = []
+    for kind in FAST_PATHS:
+        try:
+            fast: FastPath = kind.for_processor(processor, raw=raw)
+            return fast
+        except SelfCheckFailed as exc:
+            # Covered on paper, refused by its own proof: a transformers or Pillow change to look into.
+            log.warning("preprocessing fast path off: %s", exc)
+            return None
+        except NotCovered as exc:
+            refusals.append(f"{kind.__name__}: {exc}")
+    log.info("preprocessing fast path off: %s", "; ".join(refusals))
     return None
 
 
@@ -293,7 +302,7 @@ def _process_image(state: WorkerState, task: ImageTask) -> ImageResult:
 
 
 def _write_fast(
-    state: WorkerState, task: ImageTask, fast: Qwen2VLFastPath, image: Image.Image
+    state: WorkerState, task: ImageTask, fast: FastPath, image: Image.Image
 ) -> tuple[dict[str, dict[str, Any]], int]:
     """The fast path's outputs written in place in the extent: their descriptors and the payload total.
 
