@@ -12,7 +12,8 @@ Two forms of image part:
   namespace, and the cause (bounds, segment names, generations, other files) describes the arena.
   The cause goes to the log, one line.
 
-A part's `pixel_values` are either the processor's normalised float32 or its raw uint8 patches
+A part's `pixel_values` are the processor's normalised float32 (or those rounded to bfloat16, the
+sidecar's `preprocess.transport_dtype: bfloat16`, cast to the model's dtype like float32 ones) or its raw uint8 patches
 (the sidecar's `preprocess.transport_dtype: uint8`), which every rank normalises itself in
 `VLModel.build_inputs`. A uint8 part must carry `"normalize": {"rescale_factor", "image_mean",
 "image_std"}`, the normalisation it was made for, and it must equal this model's own (its image
@@ -439,7 +440,8 @@ def create_engine_app(rank: Rank, *, model_dir: str, shm_dir: str, checksums: bo
         "model_name": rank.model.model_name,
         "processor": processor,
         "normalization": normalization,
-        "pixels": ["float32"] if normalization is None else ["float32", "uint8"],
+        # bfloat16 pixels are cast to the model's dtype like float32 ones (build_inputs).
+        "pixels": ["float32", "bfloat16"] + ([] if normalization is None else ["uint8"]),
         "shm_dir": shm_dir,
         "token": shm_token(shm_dir),
         "checksums": checksums,

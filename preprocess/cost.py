@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DTYPE_SIZES", "MAX_ASPECT_RATIO", "CostError", "output_nbytes", "output_shapes", "smart_resize"]
 
-# numpy dtype name -> itemsize, for the dtypes the supported processors emit.
-DTYPE_SIZES: Final[dict[str, int]] = {"float32": 4, "int64": 8, "uint8": 1}
+# dtype name -> itemsize, for the dtypes the supported processors emit and the transport dtypes
+# (preprocess.transport_dtype) pixel_values travel in.
+DTYPE_SIZES: Final[dict[str, int]] = {"float32": 4, "bfloat16": 2, "int64": 8, "uint8": 1}
 
 # smart_resize refuses max(h, w) / min(h, w) above this (strictly above: exactly 200 passes).
 MAX_ASPECT_RATIO: Final[int] = 200

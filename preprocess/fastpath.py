@@ -61,7 +61,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from .processors import run_processor
+from .processors import bfloat16_bits, run_processor
+from .protocol import NUMPY_DTYPES
 
 __all__ = ["CHANNELS", "FastPath", "NotCovered", "Qwen2VLFastPath", "SelfCheckFailed", "Shapes"]
 
@@ -114,17 +115,22 @@ class FastPath(Protocol):
         ...
 
 
-def _pair_table(table: npt.NDArray[np.float32]) -> npt.NDArray[np.uint64]:
-    """Per channel, the float32 pair for every two consecutive uint8 pixels read as one uint16.
+PIXELS: Final[tuple[str, ...]] = ("float32", "bfloat16", "uint8")  # preprocess.transport_dtype
 
-    Built from the bytes of each uint16 value as they lie in memory, so the pairing is right on any
-    byte order. Each pair is viewed as one 8-byte item: the gather moves 8 bytes per index.
+
+def _pair_table(table: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Per channel, the value pair for every two consecutive uint8 pixels read as one uint16.
+
+    ``table`` holds 4-byte (float32) or 2-byte (bfloat16 bits) values. Built from the bytes of each
+    uint16 value as they lie in memory, so the pairing is right on any byte order. Each pair is
+    viewed as one item of twice the width: the gather moves 8 (or 4) bytes per index.
     """
     first, second = np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(-1, 2).T
-    pairs = np.empty((table.shape[0], 1 << 16, 2), np.float32)
+    pairs = np.empty((table.shape[0], 1 << 16, 2), table.dtype)
     pairs[:, :, 0] = table[:, first]
     pairs[:, :, 1] = table[:, second]
-    return pairs.view(np.uint64).reshape(table.shape[0], 1 << 16)
+    wide = np.uint64 if table.itemsize == 4 else np.uint32
+    return pairs.view(wide).reshape(table.shape[0], 1 << 16)
 
 
 class Qwen2VLFastPath:
@@ -146,10 +152,12 @@ class Qwen2VLFastPath:
         max_pixels: int,
         resample: int,
         smart_resize: Callable[..., tuple[int, int]],
-        raw: bool = False,
+        pixels: str = "float32",
     ) -> None:
         if table.shape != (CHANNELS, 256) or table.dtype != np.float32:
             raise ValueError(f"table must be float32 of shape ({CHANNELS}, 256), got {table.dtype} {table.shape}")
+        if pixels not in PIXELS:
+            raise ValueError(f"pixels must be one of {', '.join(PIXELS)}, got {pixels!r}")
         self.patch_size = patch_size
         self.merge_size = merge_size
         self.temporal_patch_size = temporal_patch_size
@@ -158,9 +166,12 @@ class Qwen2VLFastPath:
         self.resample = resample
         self._smart_resize = smart_resize  # transformers' own: its float rounding and its refusals
         self.table = table
+        self.pixels = pixels
         # preprocess.transport_dtype uint8: the processor's raw patches (run_processor(raw=True)), no table.
-        self.raw = raw
-        self._pairs = _pair_table(table).reshape(-1)
+        self.raw = pixels == "uint8"
+        # bfloat16: the table's floats rounded as torch rounds the processor's float32 (bfloat16_bits),
+        # so each value is still written once, at half the bytes.
+        self._pairs = _pair_table(bfloat16_bits(table) if pixels == "bfloat16" else table).reshape(-1)
         # Channel c's pair table starts at c * 65536 in the flat table.
         self._channel_base = (np.arange(CHANNELS, dtype=np.intp) << 16).reshape(1, CHANNELS, 1, 1)
         self._scratch = np.empty((CHUNK, CHANNELS, temporal_patch_size, patch_size * patch_size // 2), np.intp)
@@ -168,11 +179,12 @@ class Qwen2VLFastPath:
     # -- building ----------------------------------------------------------------------------------
 
     @classmethod
-    def for_processor(cls, processor: Any, *, raw: bool = False) -> Qwen2VLFastPath:
+    def for_processor(cls, processor: Any, *, pixels: str = "float32") -> Qwen2VLFastPath:
         """The fast path for ``processor``, proven bit-identical on synthetic images; else ``NotCovered``.
 
-        ``raw``: it writes what ``run_processor(processor, image, raw=True)`` returns, the uint8 patches
-        (the same resize and patch order, no rescale or normalise), and proves that instead."""
+        ``pixels`` (``preprocess.transport_dtype``): ``uint8`` writes what ``run_processor(processor,
+        image, raw=True)`` returns, the uint8 patches (the same resize and patch order, no rescale or
+        normalise); ``bfloat16`` the processor's float32 rounded (``bfloat16_bits``); each is proven so."""
         try:
             from transformers.models.qwen2_vl import (  # noqa: PLC0415 - heavy: only where processors are built
                 image_processing_pil_qwen2_vl as qwen_pil,
@@ -215,7 +227,7 @@ class Qwen2VLFastPath:
             max_pixels=size.longest_edge,
             resample=int(resample),
             smart_resize=qwen_pil.smart_resize,
-            raw=raw,
+            pixels=pixels,
         )
         fast._prove(processor)
         return fast
@@ -236,6 +248,8 @@ class Qwen2VLFastPath:
         for pixels in (kept, resized):
             image = Image.fromarray(pixels)
             expected = run_processor(processor, image, raw=self.raw)
+            if self.pixels == "bfloat16":
+                expected["pixel_values"] = bfloat16_bits(expected["pixel_values"])
             got = self.run(image)
             for name in ("pixel_values", "image_grid_thw"):
                 ref, mine = np.asarray(expected[name]), got[name]
@@ -259,13 +273,12 @@ class Qwen2VLFastPath:
         h, w = self.resized_size(width, height)
         grid_h, grid_w = h // self.patch_size, w // self.patch_size
         row = CHANNELS * self.temporal_patch_size * self.patch_size**2
-        pixels = "uint8" if self.raw else "float32"
-        return {"pixel_values": ((grid_h * grid_w, row), pixels), "image_grid_thw": ((1, 3), "int64")}
+        return {"pixel_values": ((grid_h * grid_w, row), self.pixels), "image_grid_thw": ((1, 3), "int64")}
 
     def run(self, image: Image.Image) -> dict[str, npt.NDArray[Any]]:
         """The outputs for ``image`` in new arrays (the worker uses ``write`` into the arena instead)."""
         shapes = self.output_shapes(image.width, image.height)
-        outputs = {name: np.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
+        outputs = {name: np.empty(shape, NUMPY_DTYPES[dtype]) for name, (shape, dtype) in shapes.items()}
         self.write(image, outputs)
         return outputs
 
@@ -280,7 +293,7 @@ class Qwen2VLFastPath:
         shapes = self.output_shapes(image.width, image.height)
         for name, (shape, dtype) in shapes.items():
             array = outputs[name]
-            if array.shape != shape or array.dtype != np.dtype(dtype) or not array.flags.c_contiguous:
+            if array.shape != shape or array.dtype != NUMPY_DTYPES[dtype] or not array.flags.c_contiguous:
                 raise ValueError(
                     f"{name}: need a C-contiguous {dtype} array of shape {shape}, got {array.dtype} {array.shape}"
                 )
@@ -316,13 +329,13 @@ class Qwen2VLFastPath:
             np.copyto(target[..., channel, :], rows.transpose(0, 3, 1, 4, 2))
         return patches
 
-    def _gather(self, patches: npt.NDArray[np.uint8], out: npt.NDArray[np.float32]) -> None:
+    def _gather(self, patches: npt.NDArray[np.uint8], out: npt.NDArray[Any]) -> None:
         """Write the table's floats for ``patches`` into ``out``, each frame ``temporal_patch_size`` times."""
         count = patches.shape[0]
         half = self.patch_size * self.patch_size // 2
         # Two neighbouring pixels of a patch's channel block as one uint16: an index into the pair table.
         pairs = patches.reshape(count, CHANNELS, 1, half * 2).view(np.uint16)
-        target = out.view(np.uint64).reshape(count, CHANNELS, self.temporal_patch_size, half)
+        target = out.view(self._pairs.dtype).reshape(count, CHANNELS, self.temporal_patch_size, half)
         base, table, scratch = self._channel_base, self._pairs, self._scratch
         for start in range(0, count, CHUNK):
             stop = min(start + CHUNK, count)

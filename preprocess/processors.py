@@ -79,6 +79,7 @@ __all__ = [
     "ProcessorError",
     "ProcessorSpec",
     "available_presets",
+    "bfloat16_bits",
     "decode",
     "load_processor",
     "read_spec",
@@ -180,9 +181,9 @@ class ProcessorSpec:
     resize_hw: tuple[int, int] | None = None
     shortest_edge: int | None = None
     crop_hw: tuple[int, int] | None = None
-    # The dtype pixel_values travel in: the processor's normalised float32, or (offload with
-    # preprocess.transport_dtype: uint8) the raw patches the engine normalises. Not in the file: the
-    # sidecar's config sets it (dataclasses.replace).
+    # The dtype pixel_values travel in: the processor's normalised float32, those rounded to
+    # bfloat16, or (offload with preprocess.transport_dtype: uint8) the raw patches the engine
+    # normalises. Not in the file: the sidecar's config sets it (dataclasses.replace).
     pixel_dtype: str = "float32"
 
 
@@ -376,6 +377,24 @@ def run_processor(processor: Any, image: Image.Image, *, raw: bool = False) -> d
         # A no-op for the contiguous arrays the processors return; a copy only if a version changes that.
         arrays[name] = np.ascontiguousarray(array)
     return arrays
+
+
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 ``values`` rounded to bfloat16, as the uint16 bit patterns the arena holds.
+
+    The rounding is torch's ``Tensor.to(torch.bfloat16)`` (and what an engine does to float32
+    pixel_values for a bfloat16 model): to nearest, ties to even; numpy has no bfloat16, so it is
+    done on the bits. ``tests/test_bfloat16.py`` holds it to torch's, bit for bit, except NaN (here
+    0x7FC0; torch's own scalar and vectorised casts disagree), which pixel values never are.
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    # The low 16 bits are dropped; adding 0x7FFF plus the kept part's lowest bit rounds half to even.
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
 
 
 def raw_normalisation(processor: Any) -> dict[str, Any]:

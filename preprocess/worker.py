@@ -39,7 +39,8 @@ from PIL import Image
 from .arena import Arena
 from .extents import Extent, pack_tensors
 from .fastpath import FastPath, NotCovered, Qwen2VLFastPath, SelfCheckFailed
-from .processors import decode, load_processor, raw_normalisation, run_processor
+from .processors import bfloat16_bits, decode, load_processor, raw_normalisation, run_processor
+from .protocol import NUMPY_DTYPES
 from .spans import SpanText, Text
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]
@@ -55,19 +56,20 @@ class WorkerState:
     fast: FastPath | None = None  # None: every image goes through the processor
     # preprocess.transport_dtype uint8: the processor's raw patches, and the normalisation the engine applies
     normalize: dict[str, Any] | None = None
+    pixels: str = "float32"  # preprocess.transport_dtype
 
 
 # Tried in order; each class's `for_processor` takes the processors it covers and refuses the rest.
 FAST_PATHS: tuple[Any, ...] = (Qwen2VLFastPath,)
 
 
-def fast_path_for(processor: Any, *, raw: bool = False) -> FastPath | None:
-    """The bit-identical fast path for `processor` (`raw`: its uint8 patches), or None (logged) where
-    none covers it."""
+def fast_path_for(processor: Any, *, pixels: str = "float32") -> FastPath | None:
+    """The bit-identical fast path for `processor` writing `pixels` (preprocess.transport_dtype), or
+    None (logged) where none covers it."""
     refusals = []
     for kind in FAST_PATHS:
         try:
-            fast: FastPath = kind.for_processor(processor, raw=raw)
+            fast: FastPath = kind.for_processor(processor, pixels=pixels)
             return fast
         except SelfCheckFailed as exc:
             # Covered on paper, refused by its own proof: a transformers or Pillow change to look into.
@@ -91,10 +93,10 @@ class WorkerSetup:
 
     def __call__(self) -> WorkerState:
         processor = load_processor(self.processor)
-        raw = self.pixels == "uint8"
-        fast = fast_path_for(processor, raw=raw) if self.fast_path else None
-        normalize = raw_normalisation(processor) if raw else None
-        return WorkerState(processor, Arena.attach(self.arena_name, self.arena_dir), HeapKeeper(), fast, normalize)
+        fast = fast_path_for(processor, pixels=self.pixels) if self.fast_path else None
+        normalize = raw_normalisation(processor) if self.pixels == "uint8" else None
+        arena = Arena.attach(self.arena_name, self.arena_dir)
+        return WorkerState(processor, arena, HeapKeeper(), fast, normalize, self.pixels)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -280,14 +282,18 @@ def _process_image(state: WorkerState, task: ImageTask) -> ImageResult:
             normalize=state.normalize,
         )
     outputs = run_processor(state.processor, image, raw=state.normalize is not None)
+    dtypes = {name: str(a.dtype) for name, a in outputs.items()}
+    if state.pixels == "bfloat16":
+        outputs["pixel_values"] = bfloat16_bits(outputs["pixel_values"])  # as an engine would round them
+        dtypes["pixel_values"] = "bfloat16"
     processed = time.perf_counter()
 
-    got = {name: (tuple(int(d) for d in a.shape), str(a.dtype)) for name, a in outputs.items()}
+    got = {name: (tuple(int(d) for d in a.shape), dtypes[name]) for name, a in outputs.items()}
     _check_expected(got, task)
     offsets, total = pack_tensors([a.nbytes for a in outputs.values()])
     _check_fits(total, task)
     tensors = {
-        name: state.arena.write(task.extent, offset, array).to_json()
+        name: state.arena.write(task.extent, offset, array, dtype=dtypes[name]).to_json()
         for (name, array), offset in zip(outputs.items(), offsets, strict=True)
     }
     written = time.perf_counter()
@@ -310,7 +316,7 @@ def _write_fast(
     """
     shapes = fast.output_shapes(image.width, image.height)  # ValueError where the processor refuses
     _check_expected(shapes, task)
-    offsets, total = pack_tensors([math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in shapes.values()])
+    offsets, total = pack_tensors([math.prod(shape) * NUMPY_DTYPES[dtype].itemsize for shape, dtype in shapes.values()])
     _check_fits(total, task)
     views = {
         name: state.arena.ndarray_view(task.extent, offset, dtype, shape)

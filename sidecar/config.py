@@ -292,10 +292,11 @@ class PreprocessConfig:
     max_concurrent_fetches: int = field(
         default=8, metadata=_bounds(ge=1, doc="remote images being fetched at once, all requests together")
     )
-    transport_dtype: Literal["float32", "uint8"] = field(
+    transport_dtype: Literal["float32", "bfloat16", "uint8"] = field(
         default="float32",
         metadata=_bounds(
-            doc="offload: pixel_values in the arena: float32, normalised; uint8, raw patches (a quarter of the "
+            doc="offload: pixel_values in the arena: float32, normalised; bfloat16, those rounded as torch rounds "
+            "them (half the bytes: what a bfloat16 model computes with); uint8, raw patches (a quarter of the "
             "bytes) that the engine normalises"
         ),
     )

@@ -189,8 +189,10 @@ async def verify_shared_memory(
     # An engine that lists no pixel dtypes predates the list: it takes float32 only.
     accepted = shm.get("pixels", ["float32"])
     if not isinstance(accepted, list) or pixels not in accepted:
+        # vllm-engine takes one dtype, its --pixels (float32 or uint8); the reference engine all three.
+        fix = f"mm-sidecar vllm-engine --pixels {pixels}" if pixels != "bfloat16" else "vllm-engine: float32 or uint8"
         return (
             f"the engine takes pixel_values as {accepted!r}, preprocess.transport_dtype is {pixels!r}: set the "
-            f"same on both sides (mm-sidecar vllm-engine --pixels {pixels})"
+            f"same on both sides ({fix})"
         )
     return None

@@ -278,7 +278,9 @@ def test_uint8_transport_needs_a_qwen2_vl_family_processor() -> None:
         )
     c = from_mapping({"preprocess": {"processor": "qwen2.5-vl", "transport_dtype": "uint8"}})
     assert c.preprocess.transport_dtype == "uint8"
-    assert "must be one of 'float32', 'uint8'" in config_error({"preprocess": {"transport_dtype": "bfloat16"}})
+    assert "must be one of 'float32', 'bfloat16', 'uint8'" in config_error(
+        {"preprocess": {"transport_dtype": "float16"}}
+    )
 
 
 def test_unknown_processor_is_refused_naming_the_presets() -> None:

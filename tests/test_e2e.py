@@ -30,7 +30,7 @@ from aiohttp import web
 from PIL import Image
 
 from preprocess.cost import output_nbytes
-from preprocess.processors import decode, load_processor, read_spec, resolve_processor, run_processor
+from preprocess.processors import bfloat16_bits, decode, load_processor, read_spec, resolve_processor, run_processor
 from preprocess.protocol import DESCRIPTOR_ERROR, TensorDescriptor
 from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, SPEC, STATE
@@ -135,10 +135,12 @@ async def test_uint8_pixels_give_the_float32_answers_in_a_quarter_of_the_bytes(
 ) -> None:
     """preprocess.transport_dtype uint8: the workers write the processor's raw patches, both ranks get
     exactly those bytes, normalise them themselves (bit for bit transformers' float32) and answer what
-    the float32 sidecar's requests get; the sidecar prices a quarter of the bytes."""
+    the float32 sidecar's requests get; the sidecar prices a quarter of the bytes. bfloat16: the ranks
+    get the processor's float32 rounded as torch rounds them, priced at half the bytes, and the
+    prompts are those of float32 (the answers may differ: the pixels do)."""
     images = [jpeg(320, 240, 11), jpeg(200, 500, 12), jpeg(333, 517, 13)]
     answers: dict[str, list[tuple[str, int]]] = {}
-    for pixels in ("float32", "uint8"):
+    for pixels in ("float32", "uint8", "bfloat16"):
         server = await sidecar(aiohttp_server, engine_url, pixels)
         got = []
         async with aiohttp.ClientSession() as http:
@@ -162,6 +164,8 @@ async def test_uint8_pixels_give_the_float32_answers_in_a_quarter_of_the_bytes(
                     assert resp.status == 200, answer
                     sums = json.loads(resp.headers["x-mm-tensor-sha256"])
                 outputs = run_processor(load_processor("qwen2-vl"), decode(data), raw=pixels == "uint8")
+                if pixels == "bfloat16":
+                    outputs["pixel_values"] = bfloat16_bits(outputs["pixel_values"])
                 want = {n: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for n, a in outputs.items()}
                 assert sums == [[want], [want]], pixels  # each rank holds exactly these bytes
                 got.append((answer["choices"][0]["message"]["content"], answer["usage"]["prompt_tokens"]))
@@ -171,9 +175,14 @@ async def test_uint8_pixels_give_the_float32_answers_in_a_quarter_of_the_bytes(
         await assert_idle(server)
         answers[pixels] = got
     assert answers["uint8"] == answers["float32"], answers
+    assert [tokens for _, tokens in answers["bfloat16"]] == [tokens for _, tokens in answers["float32"]]
+    bf16 = output_nbytes(
+        dataclasses.replace(read_spec(resolve_processor("qwen2-vl")), pixel_dtype="bfloat16"), 333, 517
+    )
     f32 = output_nbytes(dataclasses.replace(read_spec(resolve_processor("qwen2-vl")), pixel_dtype="float32"), 333, 517)
     u8 = output_nbytes(dataclasses.replace(read_spec(resolve_processor("qwen2-vl")), pixel_dtype="uint8"), 333, 517)
     assert u8 < f32 / 3.9, (u8, f32)  # pixel_values a quarter, plus the 24-byte grid
+    assert f32 / 2.01 < bf16 < f32 / 1.99, (bf16, f32)
 
 
 async def test_anthropic_and_responses_translated_with_images(aiohttp_server: Any, engine_url: str) -> None:

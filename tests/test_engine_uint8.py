@@ -30,7 +30,7 @@ from engine.tiny import ensure_tiny_model
 from preprocess import processors
 from preprocess.arena import Arena, segment_name
 from preprocess.extents import pack_tensors
-from preprocess.processors import decode, load_processor, run_processor
+from preprocess.processors import bfloat16_bits, decode, load_processor, run_processor
 from preprocess.protocol import TensorDescriptor
 
 from .conftest import engine_process
@@ -222,13 +222,15 @@ async def http() -> Any:
         yield session
 
 
-def publish(arena: Arena, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The arrays written into one extent and published, as a sidecar worker does: their descriptors' JSON."""
+def publish(arena: Arena, arrays: dict[str, np.ndarray], dtypes: dict[str, str] | None = None) -> dict[str, Any]:
+    """The arrays written into one extent and published, as a sidecar worker does: their descriptors' JSON.
+    `dtypes` names a dtype the array's own does not say (bfloat16 bits in a uint16 array)."""
     offsets, total = pack_tensors([a.nbytes for a in arrays.values()])
     extent = arena.reserve(total)
     assert extent is not None
     descs: dict[str, TensorDescriptor] = {
-        n: arena.write(extent, off, a) for (n, a), off in zip(arrays.items(), offsets, strict=True)
+        n: arena.write(extent, off, a, dtype=(dtypes or {}).get(n))
+        for (n, a), off in zip(arrays.items(), offsets, strict=True)
     }
     arena.publish(extent, total)
     return {n: d.to_json() for n, d in descs.items()}
@@ -255,7 +257,7 @@ async def test_a_uint8_request_answers_as_the_float32_one_on_two_ranks(
     http: aiohttp.ClientSession, engine: str, arena: Arena, processor: Any, model: VLModel
 ) -> None:
     async with http.get(engine + "/health") as resp:
-        assert (await resp.json())["shm"]["pixels"] == ["float32", "uint8"]
+        assert (await resp.json())["shm"]["pixels"] == ["float32", "bfloat16", "uint8"]
     jpeg = photo_jpeg(333, 517, seed=7)
     normalised, u8 = tensors(processor, 333, 517, seed=7)
     grid = normalised["image_grid_thw"]
@@ -284,6 +286,43 @@ async def test_a_uint8_request_answers_as_the_float32_one_on_two_ranks(
     expected = {"pixel_values": sha(u8), "image_grid_thw": sha(grid)}
     assert json.loads(u8_headers["x-mm-tensor-sha256"]) == [[expected], [expected]]
     assert json.loads(headers["x-mm-tensor-sha256"])[0][0]["pixel_values"] == sha(normalised["pixel_values"])
+
+
+async def test_a_bfloat16_request_is_its_values_in_the_models_dtype_on_two_ranks(
+    http: aiohttp.ClientSession, engine: str, arena: Arena, processor: Any
+) -> None:
+    # preprocess.transport_dtype bfloat16: the processor's float32 rounded (half the bytes); the engine
+    # casts them to its float32 model exactly, so the answer is that of those rounded values as float32.
+    normalised, _ = tensors(processor, 333, 517, seed=7)
+    grid = normalised["image_grid_thw"]
+    bits = bfloat16_bits(normalised["pixel_values"])
+    widened = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+    assert not np.array_equal(widened, normalised["pixel_values"])  # the rounding is real
+    bf16_part = {
+        "type": "image_tensors",
+        "tensors": publish(arena, {"pixel_values": bits, "image_grid_thw": grid}, {"pixel_values": "bfloat16"}),
+    }
+    assert bf16_part["tensors"]["pixel_values"]["dtype"] == "bfloat16"
+    widened_part = {
+        "type": "image_tensors",
+        "tensors": publish(arena, {"pixel_values": widened, "image_grid_thw": grid}),
+    }
+    status, from_bf16, headers = await chat(http, engine, bf16_part)
+    assert status == 200, from_bf16
+    status, from_widened, _ = await chat(http, engine, widened_part)
+    assert status == 200, from_widened
+    assert answer_of(from_bf16) == answer_of(from_widened)
+    # Each rank copied the bfloat16 bytes themselves, half the float32's.
+    expected = {"pixel_values": sha(bits), "image_grid_thw": sha(grid)}
+    assert json.loads(headers["x-mm-tensor-sha256"]) == [[expected], [expected]]
+    # A bfloat16 part carries no normalisation: its values are normalised already.
+    with_norm = {
+        **bf16_part,
+        "tensors": publish(arena, {"pixel_values": bits, "image_grid_thw": grid}, {"pixel_values": "bfloat16"}),
+    }
+    with_norm["normalize"] = {"rescale_factor": 1 / 255, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    status, refused, _ = await chat(http, engine, with_norm)
+    assert status == 400 and "only uint8 pixel_values carry a normalisation" in refused["error"]["message"], refused
 
 
 async def test_parts_whose_normalize_does_not_fit_are_refused_by_name_and_the_engine_serves_on(

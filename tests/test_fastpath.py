@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from preprocess import worker
@@ -104,7 +105,13 @@ def fast(processors: dict[str, Any]) -> dict[str, Qwen2VLFastPath]:
 @pytest.fixture(scope="module")
 def fast_raw(processors: dict[str, Any]) -> dict[str, Qwen2VLFastPath]:
     """preprocess.transport_dtype uint8: the processor's raw patches."""
-    return {name: Qwen2VLFastPath.for_processor(processors[name], raw=True) for name in QWEN_PRESETS}
+    return {name: Qwen2VLFastPath.for_processor(processors[name], pixels="uint8") for name in QWEN_PRESETS}
+
+
+@pytest.fixture(scope="module")
+def fast_bf16(processors: dict[str, Any]) -> dict[str, Qwen2VLFastPath]:
+    """preprocess.transport_dtype bfloat16: the processor's float32 rounded to bfloat16."""
+    return {name: Qwen2VLFastPath.for_processor(processors[name], pixels="bfloat16") for name in QWEN_PRESETS}
 
 
 def qwen_config(directory: Path, **changes: Any) -> Path:
@@ -150,6 +157,21 @@ def test_raw_outputs_are_bit_identical_to_transformers_raw_call(
         assert got["pixel_values"].dtype == np.uint8, name
         assert_identical(got, run_processor(processors[preset], image, raw=True), f"{preset} raw {name}")
         assert {k: (v.shape, v.dtype.name) for k, v in got.items()} == output_shapes(spec, *image.size), name
+
+
+@pytest.mark.parametrize("preset", QWEN_PRESETS)
+def test_bfloat16_outputs_are_the_processors_rounded_as_torch_rounds_them(
+    processors: dict[str, Any], fast_bf16: dict[str, Qwen2VLFastPath], preset: str
+) -> None:
+    spec = dataclasses.replace(read_spec(resolve_processor(preset)), pixel_dtype="bfloat16")
+    for name, data in list(corpus())[:6]:
+        image = decode(data)
+        got = fast_bf16[preset].run(image)
+        ref = torch.from_numpy(run_processor(processors[preset], image)["pixel_values"]).to(torch.bfloat16)
+        assert got["pixel_values"].dtype == np.uint16, name  # bfloat16 bit patterns: numpy has no bfloat16
+        assert np.array_equal(got["pixel_values"], ref.view(torch.int16).numpy().view(np.uint16)), name
+        assert {k: v.shape for k, v in got.items()} == {k: v[0] for k, v in output_shapes(spec, *image.size).items()}
+        assert output_shapes(spec, *image.size)["pixel_values"][1] == "bfloat16"
 
 
 def test_a_downscaled_image_is_bit_identical_too(processors: dict[str, Any], fast: dict[str, Qwen2VLFastPath]) -> None:
@@ -256,7 +278,7 @@ def test_the_config_switch() -> None:
 # -- the worker -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pixels", ["float32", "uint8"])
+@pytest.mark.parametrize("pixels", ["float32", "bfloat16", "uint8"])
 def test_worker_writes_the_same_arena_bytes_with_the_fast_path_on_and_off(tmp_path: Path, pixels: str) -> None:
     spec = dataclasses.replace(read_spec(resolve_processor("qwen2-vl")), pixel_dtype=pixels)
     images = {name: data for name, data in corpus() if name in ("jpeg-1920x1080", "jpeg-333x517", "png-rgba")}
@@ -268,6 +290,7 @@ def test_worker_writes_the_same_arena_bytes_with_the_fast_path_on_and_off(tmp_pa
         off = WorkerSetup("qwen2-vl", arena.name, str(tmp_path), fast_path=False, pixels=pixels)()
         assert on.fast is not None and off.fast is None
         assert on.fast.raw == (pixels == "uint8")
+        assert on.pixels == off.pixels == pixels
         for name, data in images.items():
             expected = output_shapes(spec, *decode(data).size)
             runs = []
@@ -280,10 +303,11 @@ def test_worker_writes_the_same_arena_bytes_with_the_fast_path_on_and_off(tmp_pa
                 tensors = {k: TensorDescriptor.from_json(v) for k, v in result.tensors.items()}
                 payload = bytes(arena.ndarray_view(extent, 0, "uint8", (result.used_nbytes,)))
                 runs.append((result, tensors, payload, extent))
+                assert tensors["pixel_values"].dtype == pixels, name
             (fast_result, fast_tensors, fast_bytes, _), (slow_result, slow_tensors, slow_bytes, _) = runs
             assert fast_result.fast_path and not slow_result.fast_path, name
             assert fast_result.normalize == slow_result.normalize and (fast_result.normalize is None) == (
-                pixels == "float32"
+                pixels != "uint8"
             )
             assert fast_result.write_s == 0.0 and fast_result.preprocess_s > 0
             assert fast_result.used_nbytes == slow_result.used_nbytes == output_nbytes(spec, *decode(data).size)

@@ -16,6 +16,7 @@ import numpy as np
 import openai
 import orjson
 import pytest
+import torch
 from aiohttp import web
 
 from preprocess.processors import decode, load_processor, raw_normalisation, run_processor
@@ -69,7 +70,7 @@ class FakeEngine:
                 for part in message["content"] if isinstance(message["content"], list) else []:
                     if part["type"] == "image_tensors":
                         descs = {n: TensorDescriptor.from_json(d) for n, d in part["tensors"].items()}
-                        self.received.append({n: self.reader.copy_out(d).numpy() for n, d in descs.items()})
+                        self.received.append({n: _numpy(self.reader.copy_out(d)) for n, d in descs.items()})
         except DescriptorError as exc:
             return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error"}}, status=400)
         answer = {
@@ -81,6 +82,22 @@ class FakeEngine:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
         return web.json_response(answer)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    # numpy has no bfloat16: its bit patterns, as the arena holds them.
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def chat_with_png(data: bytes) -> dict[str, Any]:
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    return {
+        "model": "m",
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+    }
 
 
 def chat_with_images(*sizes: tuple[int, int]) -> dict[str, Any]:
@@ -314,6 +331,37 @@ async def test_uint8_transport_sends_raw_patches_and_their_normalisation(offload
     raw = got["pixel_values"].reshape(got["pixel_values"].shape[0], 3, -1)
     floats = np.stack([table[c][raw[:, c]] for c in range(3)], axis=1).reshape(raw.shape[0], -1)
     assert np.array_equal(floats, run_processor(processor, decode(data))["pixel_values"])
+    assert_all_free(client)
+
+
+async def test_a_bfloat16_sidecar_refuses_an_engine_without_bfloat16(
+    offload: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What vllm-engine lists: one dtype, float32 or uint8.
+    client, _ = await offload(FakeEngine(pixels=["uint8"]), preprocess={"transport_dtype": "bfloat16"})
+    assert client.app[STATE].stop.is_set() and client.app[STATE].exit_code == 2
+    refusal = [r.getMessage() for r in caplog.records if "offload mode refused" in r.getMessage()]
+    assert refusal and "['uint8']" in refusal[0] and "'bfloat16'" in refusal[0], refusal
+    assert "vllm-engine: float32 or uint8" in refusal[0], refusal
+
+
+async def test_bfloat16_transport_sends_the_processors_pixels_rounded_as_torch_rounds_them(offload: Any) -> None:
+    client, engine = await offload(
+        FakeEngine(pixels=["float32", "bfloat16", "uint8"]), preprocess={"transport_dtype": "bfloat16"}
+    )
+    assert client.app[STATE].engine_verified
+    data = noise_png(333, 517)
+    resp = await client.post("/v1/chat/completions", json=chat_with_png(data))
+    assert resp.status == 200, await resp.text()
+    (part,) = engine.bodies[0]["messages"][0]["content"]
+    assert part["tensors"]["pixel_values"]["dtype"] == "bfloat16" and part.get("normalize") is None
+    (got,) = engine.received
+    want = run_processor(load_processor("qwen2-vl"), decode(data))
+    assert got["pixel_values"].dtype == np.uint16  # the bits, as numpy holds bfloat16
+    rounded = torch.from_numpy(want["pixel_values"]).to(torch.bfloat16)
+    assert np.array_equal(got["pixel_values"], rounded.view(torch.int16).numpy().view(np.uint16))
+    assert got["pixel_values"].nbytes * 2 == want["pixel_values"].nbytes  # half the bytes of float32
+    assert np.array_equal(got["image_grid_thw"], want["image_grid_thw"])
     assert_all_free(client)
 
 
