@@ -7,7 +7,12 @@ N image requests (one JPEG each, `max_tokens=1`, non-streaming) are sent all at 
 - the sidecar in passthrough mode (gate = 1, 2, 4, 8): images still inline, at most `gate` requests
   inside the engine until its first body chunk;
 - the sidecar in offload mode (gate = 1, 2, 4, 8): the sidecar's workers preprocess into the arena,
-  the engine copies the tensors out of shared memory; a slot is held until the engine's ack.
+  the engine copies the tensors out of shared memory; a slot is held until the engine's ack;
+- the same with uint8 pixels (`offload:G+uint8`, `preprocess.transport_dtype: uint8`): the workers write
+  the processor's raw uint8 patches, a quarter of the float32 bytes, with the normalisation in the
+  descriptor, and every engine rank normalises them itself (bit for bit the processor's float32). The
+  arena is sized per slot for the row's dtype, so `offload:4+uint8` holds 4 images in about the arena
+  `offload:1` gives one.
 
 Each row gets a fresh engine (and sidecar), so every row starts from the same memory. While the burst
 runs, RSS and PSS of every process of the engine's tree plus the sidecar's tree (workers included) are
@@ -15,7 +20,7 @@ summed every `--interval-ms`; the peak of the sum is the row's figure. RSS count
 processes (the arena, libraries) in each of them, as the PR's "summed process-tree RSS" did; PSS counts
 them once.
 
-    .venv/bin/python -m bench.gate_table          # the full table: 96 x 1080p, ~11 GiB peak, ~25 min on 2 cores
+    .venv/bin/python -m bench.gate_table          # the full table: 96 x 1080p, ~11 GiB peak, ~27 min on 2 cores
     .venv/bin/python -m bench.gate_table --requests 32 --size 1280x720 --rows engine,offload:1
 
 At 96 x 1080p the engine alone holds every request's pixel_values (48 MiB each) on both ranks at its
@@ -27,12 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import services
 from .client import Outcome, chat_body, post
@@ -43,26 +49,70 @@ from .memory import MemorySample, MemorySampler
 from .report import append_results, base_parser, command_line, plot_path, save_plot
 from .stats import markdown_table, ms, pct_change, percentile, size, verdict
 
+if TYPE_CHECKING:
+    from preprocess.processors import ProcessorSpec
+
 ALL_ROWS = (
     "engine,passthrough:1,passthrough:2,passthrough:4,passthrough:8,offload:1,offload:2,offload:4,offload:8,"
-    "passthrough:1b,passthrough:2b,offload:1b,offload:2b"
+    "offload:4+uint8,passthrough:1b,passthrough:2b,offload:1b,offload:2b"
 )
+PIXEL_DTYPES = ("float32", "uint8")  # preprocess.transport_dtype
 TARGET_PSS_SHARE = 0.25
 TARGET_THROUGHPUT = 1.0
+
+
+def uint8_offload_gate(text: str) -> int | None:
+    """G of an `offload:G+uint8` row, None for a row without the `+uint8` suffix; ValueError for `+uint8`
+    on any other row. The `+uint8` syntax of both gate tables (this one and gate_table_vllm's)."""
+    spec, _, suffix = text.strip().partition("+")
+    if suffix != "uint8":
+        return None
+    mode, _, gate = spec.partition(":")
+    if mode != "offload" or not gate.isdigit() or int(gate) < 1:
+        raise ValueError(f"--rows: +uint8 goes with offload:G, got {text!r}")
+    return int(gate)
+
+
+def pixels_label(pixels: str) -> str:
+    """What a row's label adds for its pixel dtype (both gate tables): " uint8", or nothing for float32."""
+    return "" if pixels == "float32" else f" {pixels}"
+
+
+def pixel_bytes(spec: ProcessorSpec, width: int, height: int) -> dict[str, int]:
+    """One width x height image's processor outputs (pixel_values and image_grid_thw), in bytes, with
+    pixel_values in each transport dtype (`preprocess.cost.output_nbytes`: what the sidecar reserves)."""
+    from preprocess.cost import output_nbytes  # noqa: PLC0415
+
+    return {p: output_nbytes(dataclasses.replace(spec, pixel_dtype=p), width, height) for p in PIXEL_DTYPES}
+
+
+def arena_size(gate: int, per_slot: int) -> int:
+    """The arena an offload row gets: `gate` slots of `per_slot` bytes, +1% and 1 MiB of slack."""
+    return int(gate * per_slot * 1.01) + MiB
+
+
+def fine_size(nbytes: float) -> str:
+    """`size` with a decimal, and KiB below 1 MiB: per-image and per-slot figures at any image size."""
+    if nbytes >= GiB:
+        return f"{nbytes / GiB:.2f} GiB"
+    return f"{nbytes / MiB:.1f} MiB" if nbytes >= MiB else f"{nbytes / 1024:.0f} KiB"
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
     """A variant: `mode:G` gates by count (G requests at once), `mode:Gb` by bytes only (the budget of
-    G images, gate.max_concurrent out of the way): the same bound expressed as gate.max_bytes."""
+    G images, gate.max_concurrent out of the way): the same bound expressed as gate.max_bytes.
+    `offload:G+uint8`: the workers send uint8 pixels (preprocess.transport_dtype uint8), the engine
+    normalises them; the arena is G slots of a uint8 image's size."""
 
     mode: str  # engine | passthrough | offload
     gate: int | None
     by_bytes: bool = False
+    pixels: str = "float32"  # offload rows: preprocess.transport_dtype
 
     @property
     def label(self) -> str:
-        return "engine alone" if self.mode == "engine" else f"sidecar {self.mode}"
+        return ("engine alone" if self.mode == "engine" else f"sidecar {self.mode}") + pixels_label(self.pixels)
 
     @property
     def gate_label(self) -> str:
@@ -70,8 +120,18 @@ class Row:
             return "off"
         return f"bytes of {self.gate}" if self.by_bytes else str(self.gate)
 
+    @property
+    def short(self) -> str:
+        """The plot's name for the row."""
+        if self.gate is None:
+            return "engine"
+        return f"{self.mode[:4]} {self.gate}{'b' if self.by_bytes else ''}" + ("+u8" if self.pixels == "uint8" else "")
+
     @classmethod
     def parse(cls, text: str) -> Row:
+        uint8_gate = uint8_offload_gate(text)
+        if uint8_gate is not None:
+            return cls("offload", uint8_gate, pixels="uint8")
         mode, _, gate = text.strip().partition(":")
         if mode == "engine" and not gate:
             return cls("engine", None)
@@ -79,7 +139,7 @@ class Row:
         count = gate[:-1] if by_bytes else gate
         if mode in ("passthrough", "offload") and count.isdigit() and int(count) >= 1:
             return cls(mode, int(count), by_bytes)
-        raise ValueError(f"--rows: expected engine, passthrough:G[b] or offload:G[b], got {text!r}")
+        raise ValueError(f"--rows: expected engine, passthrough:G[b], offload:G[b] or offload:G+uint8, got {text!r}")
 
 
 @dataclass
@@ -94,6 +154,12 @@ class Result:
     interval_s: float
     estimate_error: int
     other_cpu: float = 0.0  # share of the machine's CPU time used by processes not ours during the row
+    pixel_bytes: int = 0  # one image's tensors as the engine gets them (engine/passthrough: float32, made there)
+    arena_per_slot: int = 0  # offload rows: the arena's bytes per gate slot, for the row's pixel dtype
+
+    @property
+    def arena(self) -> int:
+        return arena_size(self.row.gate, self.arena_per_slot) if self.row.gate and self.arena_per_slot else 0
 
     @property
     def ok(self) -> list[Outcome]:
@@ -134,7 +200,14 @@ def sidecar_config(
             config["gate"]["max_bytes"] = row.gate * rgb_per_image  # passthrough prices decoded RGB
     if row.mode == "offload":
         # The engine's own processor (its checkpoint directory), so the tensors are exactly what it expects.
-        config["preprocess"] = {"processor": str(model), "workers": workers, "task_timeout_s": 120}
+        config["preprocess"] = {
+            "processor": str(model),
+            "workers": workers,
+            "task_timeout_s": 120,
+            # uint8: the raw patches; the reference engine takes both (its /health lists them) and
+            # normalises uint8 itself with its processor's constants, which the descriptor must match
+            "transport_dtype": row.pixels,
+        }
         config["gate"]["max_bytes"] = arena  # the arena: `gate` images' exact tensors
     return config
 
@@ -166,13 +239,14 @@ def start_row(
 ) -> tuple[services.Service, services.Service | None]:
     """A fresh engine, and the row's sidecar in front of it (both starting at once), ready; stopped by `stack`.
 
-    `placement` pins the engine and the sidecar to CPU sets of their own (default: every CPU for all)."""
+    `placement` pins the engine and the sidecar to CPU sets of their own (default: every CPU for all).
+    `arena_per_slot`: one image's reservation in the row's pixel dtype (`Row.pixels`)."""
     eng_cpus, side_cpus = (placement.engine, placement.sidecar) if placement else (None, None)
     eng = stack.enter_context(services.engine(model, logs, wait=row.mode == "engine", cpus=eng_cpus))
     if row.mode == "engine":
         return eng, None
     assert row.gate is not None
-    arena = int(row.gate * arena_per_slot * 1.01) + MiB
+    arena = arena_size(row.gate, arena_per_slot)
     config = sidecar_config(
         row,
         eng.url,
@@ -231,6 +305,7 @@ def run_row(
             mem.samples,
             mem.mean_interval_s,
             mem.max_estimate_error,
+            arena_per_slot=arena_per_slot if row.mode == "offload" else 0,
         )
 
 
@@ -239,6 +314,8 @@ def table(results: Sequence[Result]) -> str:
     headers = [
         "variant",
         "gate",
+        "pixel bytes per image",
+        "arena (slots x per slot)",
         "throughput req/s",
         "delta vs engine alone",
         "peak RSS (tree)",
@@ -258,6 +335,8 @@ def table(results: Sequence[Result]) -> str:
             [
                 r.row.label,
                 r.row.gate_label,
+                fine_size(r.pixel_bytes) if r.pixel_bytes else "-",
+                f"{fine_size(r.arena)} ({r.row.gate} x {fine_size(r.arena_per_slot)})" if r.arena else "-",
                 f"{r.throughput:.3f}",
                 pct_change(r.throughput, base.throughput) if base else "-",
                 size(r.peak_rss),
@@ -300,11 +379,40 @@ def targets(results: Sequence[Result]) -> list[str]:
     return lines
 
 
+def uint8_note(results: Sequence[Result], per_image: dict[str, int], shape: Sequence[int]) -> list[str]:
+    """What the uint8 rows are, with this run's bytes per image per dtype; nothing without a uint8 row."""
+    uint8 = [r for r in results if r.row.pixels == "uint8"]
+    if not uint8:
+        return []
+    f32, u8 = per_image["float32"], per_image["uint8"]
+    lines = [
+        "'uint8' rows (offload:G+uint8, preprocess.transport_dtype uint8): the sidecar's workers write the "
+        "processor's raw uint8 patches (do_rescale=False, do_normalize=False) and the descriptor carries the "
+        "normalisation; every engine rank checks it against its own processor's and normalises the patches "
+        "itself, bit for bit the processor's float32 (the engine takes both dtypes, no flag); pixel_values "
+        f"{list(shape)} + image_grid_thw = {fine_size(u8)} per image as uint8 against {fine_size(f32)} as "
+        f"float32 ({u8 / f32:.3f}x), and the arena follows: G slots of the row's dtype"
+    ]
+    by_gate = {
+        r.row.gate: r for r in results if r.row.mode == "offload" and r.row.pixels == "float32" and not r.row.by_bytes
+    }
+    for r in uint8:
+        same = by_gate.get((r.row.gate or 0) // 4) if (r.row.gate or 0) % 4 == 0 else None
+        if same is not None:
+            lines.append(
+                f"at about the arena of offload gate={same.row.gate} ({fine_size(same.arena)}), uint8 runs gate="
+                f"{r.row.gate} ({fine_size(r.arena)}): {r.throughput:.3f} vs {same.throughput:.3f} req/s, "
+                f"peak PSS {size(r.peak_pss)} vs {size(same.peak_pss)}"
+            )
+    return lines
+
+
 def _color(plt: Any, row: Row) -> Any:
     if row.mode == "engine":
         return "0.35"
     shade = 0.45 + 0.12 * min(3, (row.gate or 1).bit_length() - 1)
-    return plt.get_cmap("Oranges" if row.mode == "passthrough" else "Blues")(shade)
+    palette = "Oranges" if row.mode == "passthrough" else "Greens" if row.pixels == "uint8" else "Blues"
+    return plt.get_cmap(palette)(shade)
 
 
 def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
@@ -320,10 +428,7 @@ def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
         left.set_ylabel("PSS of engine + sidecar trees (GiB)")
         left.set_title("memory during the burst")
         left.legend(fontsize=7)
-        names = [
-            ("engine" if r.row.gate is None else f"{r.row.mode[:4]} {r.row.gate}{'b' if r.row.by_bytes else ''}")
-            for r in results
-        ]
+        names = [r.row.short for r in results]
         bars = right.bar(names, [r.peak_pss / GiB for r in results], color=[_color(plt, r.row) for r in results])
         for bar, r in zip(bars, results, strict=True):
             right.annotate(
@@ -382,13 +487,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.images = args.images or 8
     width, height = parse_size(args.size)
 
-    from preprocess.cost import output_nbytes, output_shapes  # noqa: PLC0415
+    from preprocess.cost import output_shapes  # noqa: PLC0415
     from preprocess.extents import reservation_size  # noqa: PLC0415
     from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
 
     model = services.ensure_model(args.model)
     spec = read_spec(resolve_processor(str(model)))
-    per_image = output_nbytes(spec, width, height)
+    per_pixels = pixel_bytes(spec, width, height)
+    per_image = per_pixels["float32"]
+    slots = {p: reservation_size(n) for p, n in per_pixels.items()}
     shapes = output_shapes(spec, width, height)
     predicted = args.requests * per_image * 2 + 2 * GiB  # rank 0 + rank 1 copies, plus the processes
     available = _mem_available()
@@ -416,13 +523,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     model=model,
                     logs=logs,
                     bodies=bodies,
-                    arena_per_slot=reservation_size(per_image),
+                    arena_per_slot=slots[row.pixels],
                     workers=args.workers,
                     interval_s=args.interval_ms / 1000,
                     timeout_s=args.row_timeout_s,
                     rgb_per_image=width * height * 3,
                 )
             result.other_cpu = row_load.foreign_share
+            result.pixel_bytes = per_pixels[row.pixels]
             print(
                 f"  {result.throughput:.3f} req/s, peak PSS {size(result.peak_pss)}, RSS {size(result.peak_rss)}, "
                 f"{len(result.ok)}/{len(result.outcomes)} ok",
@@ -432,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     services.check_no_leftovers()
 
     text = table(results)
-    notes = targets(results)
+    notes = targets(results) + uint8_note(results, per_pixels, shapes["pixel_values"][0])
     print("\n" + text + "\n\n" + "\n".join(notes))
     png = plot(results, plot_path(args.out, "gate_table", argv), not args.no_plot)
     mean_interval = sum(r.interval_s for r in results) / len(results)
@@ -441,11 +549,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(~{sum(map(len, jpegs)) // len(jpegs) // 1024} KiB, {args.images} distinct, base64 data URL) + a short "
         "text, max_tokens=1, non-streaming; a fresh engine (and sidecar) per row",
         f"processor: the model's preprocessor_config.json (= qwen2-vl preset, max_pixels {spec.max_pixels}, so no "
-        f"downscale): pixel_values {list(shapes['pixel_values'][0])} float32 = {size(per_image)} per image",
+        f"downscale): pixel_values {list(shapes['pixel_values'][0])} float32 = {fine_size(per_image)} per image "
+        f"({fine_size(per_pixels['uint8'])} as uint8), image_grid_thw included",
         "engine: reference engine, 2 TP ranks (gloo, CPU), tiny random-weight Qwen2-VL; children run with "
         "OMP_NUM_THREADS=1",
         f"sidecar: passthrough gate.max_bytes default (priced as decoded RGB); offload {args.workers} workers, "
-        f"arena = gate x {size(reservation_size(per_image))} (+1%); max_queue = N+8, no 429s by design; "
+        f"arena = gate x {fine_size(slots['float32'])} (float32) or {fine_size(slots['uint8'])} ('uint8' rows: "
+        "preprocess.transport_dtype uint8, the engine normalises) (+1%, +1 MiB); max_queue = N+8, no 429s by design; "
         f"'bytes of G' rows: gate.max_concurrent = N and the bound is gate.max_bytes = G images' bytes "
         f"(passthrough: G x {size(width * height * 3)} of decoded RGB; offload: the arena, as above)",
         f"memory: RSS and PSS summed over every process of the engine tree + the sidecar tree, sampled every "

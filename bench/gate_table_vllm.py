@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from . import services
 from .client import Outcome, chat_body, post
 from .common import GiB
 from .cpu import CpuLoad
+from .gate_table import arena_size, pixel_bytes, pixels_label, uint8_offload_gate
 from .images import data_url, photo_jpeg
 from .memory import MemorySampler
 from .report import append_results, command_line, plot_path, save_plot
@@ -69,7 +69,7 @@ class VllmRow:
     @property
     def label(self) -> str:
         name = "vLLM alone" if self.gate is None else f"sidecar {self.mode}"
-        return name + (" (processor cache on)" if self.cache else "") + (" uint8" if self.pixels == "uint8" else "")
+        return name + (" (processor cache on)" if self.cache else "") + pixels_label(self.pixels)
 
     @property
     def gate_label(self) -> str:
@@ -87,11 +87,9 @@ class VllmRow:
         spec, plus, suffix = text.strip().partition("+")
         if plus and suffix not in ("cache", "uint8"):
             raise ValueError(f"--rows: unknown suffix +{suffix} in {text!r} (only +cache, +uint8)")
-        if suffix == "uint8":
-            mode, _, gate = spec.partition(":")
-            if mode != "offload" or not gate.isdigit() or int(gate) < 1:
-                raise ValueError(f"--rows: +uint8 goes with offload:G, got {text!r}")
-            return cls(int(gate), offload=True, pixels="uint8")
+        uint8_gate = uint8_offload_gate(text)  # the reference table's +uint8 syntax
+        if uint8_gate is not None:
+            return cls(uint8_gate, offload=True, pixels="uint8")
         mode, _, gate = spec.partition(":")
         if mode == "engine" and not gate:
             return cls(None, cache=bool(plus))
@@ -185,7 +183,7 @@ def run_row(
                 eng.url,
                 model=model,
                 requests=len(bodies),
-                arena=int(row.gate * arena_per_slot[row.pixels] * 1.01) + 1024**2,
+                arena=arena_size(row.gate, arena_per_slot[row.pixels]),
                 workers=workers,
                 timeout_s=timeout_s,
                 rgb_per_image=rgb_per_image,
@@ -289,13 +287,12 @@ def main(args: Any, argv: Sequence[str]) -> int:
     width, height = parse_size(args.size)
     services.adopt_orphans()  # vLLM's EngineCore and worker: their CPU time is ours, not "other work"
     model = services.ensure_model(args.model)
-    from preprocess.cost import output_nbytes  # noqa: PLC0415
     from preprocess.extents import reservation_size  # noqa: PLC0415
     from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
 
     spec = read_spec(resolve_processor(str(model)))
-    per_image = output_nbytes(spec, width, height)
-    per_image_u8 = output_nbytes(dataclasses.replace(spec, pixel_dtype="uint8"), width, height)
+    per_pixels = pixel_bytes(spec, width, height)
+    per_image, per_image_u8 = per_pixels["float32"], per_pixels["uint8"]
     count = args.images or args.requests  # distinct by default: a cache row must not hit on a repeat
     jpegs = [photo_jpeg(width, height, seed=i) for i in range(count)]
     bodies = [chat_body(image_url=data_url(jpegs[i % len(jpegs)])) for i in range(args.requests)]

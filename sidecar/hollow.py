@@ -236,7 +236,7 @@ def _background() -> None:
 
 
 def background_executor(workers: int = 2) -> ThreadPoolExecutor:
-    """Threads for `find_runs` at the lowest priority (one per app, shut down with it)."""
+    """Threads for `find_runs` and deep header probes, SCHED_IDLE (one pool per app, shut down with it)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mm-hollow", initializer=_background)
 
 

@@ -8,16 +8,20 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench.gate_table import Row, sidecar_config
+from bench.gate_table import ALL_ROWS, Row, pixel_bytes, sidecar_config
 from bench.gate_table_vllm import VllmRow
+from preprocess.cost import output_nbytes
+from preprocess.processors import read_spec, resolve_processor
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -59,8 +63,22 @@ def run_bench(name: str, out: Path, *args: str, timeout_s: float = 60) -> str:
     return text
 
 
+def table_row(text: str, start: str) -> list[str]:
+    """The cells of the markdown row that starts with `start` (e.g. "| sidecar offload | 1 |")."""
+    line = next(line for line in text.splitlines() if line.startswith(start))
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def parse_bytes(text: str) -> float:
+    """A `bench.gate_table.fine_size` figure ("466 KiB", "1.8 MiB", "2.00 GiB") in bytes."""
+    match = re.fullmatch(r"([0-9.]+) (KiB|MiB|GiB)", text.strip())
+    assert match, text
+    return float(match[1]) * {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[match[2]]
+
+
 def test_gate_table(tmp_path: Path) -> None:
-    # one engine-alone row and one offload row: both code paths, two engine start-ups
+    # one engine-alone row, a float32 and a uint8 offload row, a passthrough bytes row: every code path,
+    # four engine start-ups
     text = run_bench(
         "gate_table",
         tmp_path,
@@ -71,14 +89,28 @@ def test_gate_table(tmp_path: Path) -> None:
         "--images",
         "1",
         "--rows",
-        "engine,offload:1,passthrough:1b",
+        "engine,offload:1,passthrough:1b,offload:1+uint8",
         "--workers",
         "1",
-        timeout_s=120,
+        timeout_s=180,
     )
     assert "| sidecar passthrough | bytes of 1 |" in text
     assert "| engine alone | off |" in text and "| sidecar offload | 1 |" in text
-    assert "2/2" in text
+    headers = table_row(text, "| variant |")
+    success, per_image, arena = (
+        headers.index(h) for h in ("success", "pixel bytes per image", "arena (slots x per slot)")
+    )
+    rows = {name: table_row(text, f"| {name} | 1 |") for name in ("sidecar offload", "sidecar offload uint8")}
+    every = [table_row(text, start) for start in ("| engine alone | off |", "| sidecar passthrough | bytes of 1 |")]
+    assert all(row[success] == "2/2" for row in [*every, *rows.values()]), (every, rows)
+    # a uint8 slot is a quarter of a float32 one (plus image_grid_thw and page rounding), and the table says so
+    per_slot = {name: re.fullmatch(r"\S+ \S+ \(1 x (.+)\)", row[arena]) for name, row in rows.items()}
+    assert all(per_slot.values()), rows
+    f32, u8 = (parse_bytes(m[1]) for m in per_slot.values() if m)
+    assert 0.22 < u8 / f32 < 0.28, (u8, f32)
+    f32_image, u8_image = (parse_bytes(row[per_image]) for row in rows.values())
+    assert 0.22 < u8_image / f32_image < 0.28, rows
+    assert "'uint8' rows (offload:G+uint8, preprocess.transport_dtype uint8)" in text
 
 
 def test_gate_table_on_vllm(tmp_path: Path) -> None:
@@ -124,13 +156,41 @@ def test_gate_rows_by_bytes_bound_bytes_only() -> None:
     assert Row.parse("passthrough:4") == Row("passthrough", 4)
     with pytest.raises(ValueError, match="passthrough:G"):
         Row.parse("passthrough:0b")
-    common = {"model": Path("/m"), "requests": 96, "arena": 10 << 20, "workers": 2, "timeout_s": 60.0}
+    common: dict[str, Any] = {"model": Path("/m"), "requests": 96, "arena": 10 << 20, "workers": 2, "timeout_s": 60.0}
     by_bytes = sidecar_config(Row.parse("passthrough:2b"), "http://e", rgb_per_image=6_220_800, **common)
     assert by_bytes["gate"]["max_concurrent"] == 96 and by_bytes["gate"]["max_bytes"] == 2 * 6_220_800
     by_count = sidecar_config(Row.parse("passthrough:2"), "http://e", rgb_per_image=6_220_800, **common)
     assert by_count["gate"]["max_concurrent"] == 2 and "max_bytes" not in by_count["gate"]
     offload = sidecar_config(Row.parse("offload:2b"), "http://e", **common)
     assert offload["gate"] == {"max_concurrent": 96, "max_queue": 104, "queue_timeout_s": 60.0, "max_bytes": 10 << 20}
+    assert offload["preprocess"]["transport_dtype"] == "float32"
+
+
+def test_gate_rows_uint8_offload() -> None:
+    # the +uint8 suffix of gate_table_vllm's rows: offload:G only, uint8 pixels to the engine
+    assert Row.parse("offload:4+uint8") == Row("offload", 4, pixels="uint8")
+    assert Row.parse("offload:4+uint8").label == "sidecar offload uint8" == VllmRow.parse("offload:4+uint8").label
+    for text in ("passthrough:1+uint8", "engine+uint8", "offload:1b+uint8", "offload:0+uint8"):
+        with pytest.raises(ValueError, match=r"\+uint8 goes with offload:G"):
+            Row.parse(text)
+    with pytest.raises(ValueError, match=r"offload:G\+uint8"):
+        Row.parse("offload:1+cache")
+    config = sidecar_config(
+        Row.parse("offload:4+uint8"),
+        "http://e",
+        model=Path("/m"),
+        requests=8,
+        arena=10 << 20,
+        workers=2,
+        timeout_s=60.0,
+    )
+    assert config["preprocess"]["transport_dtype"] == "uint8" and config["gate"]["max_concurrent"] == 4
+    # the arena follows the dtype: 4 uint8 slots take about the bytes of 1 float32 one
+    spec = read_spec(resolve_processor("qwen2-vl"))
+    per_image = pixel_bytes(spec, 1920, 1080)
+    assert per_image["float32"] == output_nbytes(spec, 1920, 1080)
+    assert 0.24 < per_image["uint8"] / per_image["float32"] < 0.26
+    assert "offload:4+uint8" in ALL_ROWS.split(",")
 
 
 def test_text_isolation(tmp_path: Path) -> None:
