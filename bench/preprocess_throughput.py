@@ -22,10 +22,12 @@ the price of the pipeline itself.
 
 Fast path vs transformers (a second table): one process pinned to one CPU (OMP/MKL/OpenBLAS threads 1)
 times, image by image and interleaved (the order alternates every image), `decode` + the transformers
-processor against `decode` + `preprocess.fastpath` writing into an arena extent, for each of
-`--fast-presets` (`<preset>/default` is the preset at transformers' default min/max_pixels) and
-`--fast-sizes`. It also times the steps on their own (decode, PIL's resize, the rest of the fast
-path), which bound the speedup: the fast path makes the same resize call as transformers.
+processor against `decode` + the fast path the workers would use (`preprocess.worker.FAST_PATHS`:
+`preprocess.fastpath` for Qwen2-VL, `preprocess.fastpath_clip` for CLIP and SigLIP) writing into an
+arena extent, for each of `--fast-presets` (`<preset>/default` is the preset at transformers' default
+min/max_pixels; by default `--presets` plus llava-1.5 and siglip) and `--fast-sizes`. It also times
+the steps on their own (decode, PIL's resize, the rest of the fast path), which bound the speedup:
+the fast path makes the same resize call as transformers (for CLIP, to the size before its crop).
 
     .venv/bin/python -m bench.preprocess_throughput
 """
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess.worker import HEAP_SLACK, STAGE_MAX, HeapKeeper, fast_path_for
+from preprocess.worker import FAST_PATHS, HEAP_SLACK, STAGE_MAX, HeapKeeper, fast_path_for
 
 from . import services
 from .common import MiB
@@ -58,6 +60,7 @@ from .stats import markdown_table, size, verdict
 TARGET_RATIO = 0.9
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080), "12MP": (4032, 3024)}
 FAST_TARGET = 3.0  # issue 15: decode + fast path >= 3x decode + transformers, one core
+FAST_EXTRA = ("llava-1.5", "siglip")  # always in the default --fast-presets: the CLIP / SigLIP fast path
 
 
 @dataclass(frozen=True)
@@ -340,6 +343,7 @@ class FastRow:
     processor: str
     size: str
     resized: tuple[int, int] = (0, 0)  # (width, height) the processor resizes to
+    cropped: tuple[int, int] | None = None  # (width, height) of its center crop after that, if any
     out_bytes: int = 0
     transformers: list[float] = field(default_factory=list)  # decode + the transformers processor
     fast: list[float] = field(default_factory=list)  # decode + the fast path into an arena extent
@@ -388,7 +392,7 @@ def _compare_main(name: str, jobs: dict[str, list[bytes]], rounds: int, cpu: int
 
     from preprocess.arena import Arena, segment_name  # noqa: PLC0415
     from preprocess.extents import pack_tensors, reservation_size  # noqa: PLC0415
-    from preprocess.fastpath import NotCovered, Qwen2VLFastPath  # noqa: PLC0415
+    from preprocess.fastpath import NotCovered  # noqa: PLC0415
     from preprocess.processors import decode, load_processor, run_processor  # noqa: PLC0415
     from preprocess.protocol import segment_size_for  # noqa: PLC0415
 
@@ -397,11 +401,18 @@ def _compare_main(name: str, jobs: dict[str, list[bytes]], rounds: int, cpu: int
     with tempfile.TemporaryDirectory() as tmp:
         processor = load_processor(_processor_dir(name, tmp))
     rows = {label: FastRow(name, label) for label in jobs}
-    try:
-        fast = Qwen2VLFastPath.for_processor(processor)
-    except NotCovered as exc:
+    # The registry the workers try, in their order (preprocess.worker.fast_path_for, with the reasons kept).
+    fast: Any = None
+    refusals = []
+    for kind in FAST_PATHS:
+        try:
+            fast = kind.for_processor(processor)
+            break
+        except NotCovered as exc:
+            refusals.append(f"{kind.__name__}: {exc}")
+    if fast is None:
         for row in rows.values():
-            row.not_covered = str(exc)
+            row.not_covered = "; ".join(refusals)
         conn.send(rows)
         return
     first = {label: decode(datas[0]) for label, datas in jobs.items()}
@@ -439,8 +450,11 @@ def _compare_main(name: str, jobs: dict[str, list[bytes]], rounds: int, cpu: int
 
         for label, datas in jobs.items():
             row = rows[label]
+            # (height, width) before any crop: the size of the PIL resize call, which the steps time alone
             h, w = fast.resized_size(first[label].width, first[label].height)
             row.resized, row.out_bytes = (w, h), packed[label][1]
+            crop = getattr(fast, "crop_hw", None)
+            row.cropped = None if crop is None else (crop[1], crop[0])
 
             def steps(data: bytes, row: FastRow = row, size: tuple[int, int] = (w, h)) -> None:
                 """The fast path's steps timed one by one: decode, PIL's resize alone, the fast path."""
@@ -550,7 +564,9 @@ def fast_table(rows: Sequence[FastRow], images: int, rounds: int) -> tuple[str, 
             [
                 r.processor,
                 f"{r.size} {SIZES[r.size][0]}x{SIZES[r.size][1]}",
-                f"{r.resized[0]}x{r.resized[1]}" + ("" if r.resized != SIZES[r.size] else " (no resize)"),
+                f"{r.resized[0]}x{r.resized[1]}"
+                + ("" if r.resized != SIZES[r.size] else " (no resize)")
+                + ("" if r.cropped is None else f", crop {r.cropped[0]}x{r.cropped[1]}"),
                 size(r.out_bytes),
                 ms(r.transformers),
                 ms(r.fast),
@@ -567,12 +583,14 @@ def fast_table(rows: Sequence[FastRow], images: int, rounds: int) -> tuple[str, 
         f"(4 distinct) x {rounds} rounds per row; each image is run by both variants and by the steps one by "
         "one, back to back in rotated order; ms are medians, speedup and bound the medians of per-image ratios",
         f"target: decode + fast path >= {FAST_TARGET:.0f}x decode + transformers at 720p and 1080p, presets at their "
-        f"own max_pixels: {verdict(bool(targeted) and all(targeted))}; 12MP rows and `<preset>/default` rows "
-        "(transformers' default min/max_pixels, 3136 / 1003520, where 1080p and 12MP are scaled down) are reported",
+        f"own settings (Qwen2-VL: max_pixels): {verdict(bool(targeted) and all(targeted))}; 12MP rows and "
+        "`<preset>/default` rows (transformers' default min/max_pixels, 3136 / 1003520, where 1080p and 12MP are "
+        "scaled down) are reported",
         "both variants start from the same `decode` and make the same PIL resize call (bit parity needs PIL's own "
         "fixed-point resampling), so decode ms + resize ms is a floor under both; 'bound' is decode + transformers "
-        "over that floor, the speedup if everything else in the fast path were free. 'fast path minus resize': "
-        "patch order (uint8) and the pair gather writing float32 into the destination",
+        "over that floor, the speedup if everything else in the fast path were free (for CLIP the resize is to the "
+        "size before the crop). 'fast path minus resize': Qwen2-VL, patch order (uint8) and the pair gather writing "
+        "float32 into the destination; CLIP / SigLIP, the crop and a table gather per channel",
         "decode + fast path writes into an arena extent (pre-touched shared memory, as a worker does); "
         "decode + transformers keeps the processor's own fresh arrays and is not copied anywhere",
     ]
@@ -670,7 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fast-presets",
         default=None,
         help="processors for the one-core fast path vs transformers table; <preset>/default: at transformers' "
-        "default min/max_pixels; '' for none (default: --presets, and <preset>/default for the Qwen ones)",
+        "default min/max_pixels; '' for none (default: --presets, <preset>/default for the Qwen ones, and "
+        f"{', '.join(FAST_EXTRA)})",
     )
     parser.add_argument("--fast-sizes", default="720p,1080p,12MP", help="sizes for that table (default all)")
     parser.add_argument("--fast-images", type=int, default=8, help="JPEGs per size in that table (default 8)")
@@ -683,6 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--sizes / --fast-sizes: unknown {sorted(unknown)}")
     if args.fast_presets is None:
         fast_presets = [x for p in presets for x in ((p, f"{p}/default") if p.startswith("qwen") else (p,))]
+        fast_presets += [p for p in FAST_EXTRA if p not in fast_presets]
     else:
         fast_presets = [p.strip() for p in args.fast_presets.split(",") if p.strip()]
     counts = {"720p": args.n_1080p, "1080p": args.n_1080p, "12MP": args.n_12mp}

@@ -111,7 +111,7 @@ def _resize_crop_shapes(spec: ProcessorSpec, width: int, height: int) -> Shapes:
             out_h, out_w = (new_long, edge) if width <= height else (edge, new_long)
     if spec.crop_hw is not None:
         out_h, out_w = spec.crop_hw
-    return {"pixel_values": ((1, spec.channels, out_h, out_w), "float32")}
+    return {"pixel_values": ((1, spec.channels, out_h, out_w), spec.pixel_dtype)}
 
 
 def output_shapes(spec: ProcessorSpec, width: int, height: int) -> Shapes:

@@ -14,7 +14,8 @@ an admission that reserved the wrong number of bytes is an error here, not an ov
 neighbour's extent.
 
 With ``fast_path`` on (the default, ``preprocess.fast_path``), a worker whose processor the fast
-path covers (`preprocess.fastpath`: Qwen2-VL / Qwen2.5-VL, proven bit-identical at start-up) writes
+path covers (`preprocess.fastpath`: Qwen2-VL / Qwen2.5-VL; `preprocess.fastpath_clip`: CLIP and
+SigLIP; each proven bit-identical at start-up) writes
 the outputs straight into the extent instead of running the processor and copying; any other
 processor, or an image the fast path does not take, goes through transformers as before. The
 tensors are the same bits either way.
@@ -39,6 +40,7 @@ from PIL import Image
 from .arena import Arena
 from .extents import Extent, pack_tensors
 from .fastpath import FastPath, NotCovered, Qwen2VLFastPath, SelfCheckFailed
+from .fastpath_clip import ClipFastPath
 from .processors import bfloat16_bits, decode, load_processor, raw_normalisation, run_processor
 from .protocol import NUMPY_DTYPES
 from .spans import SpanText, Text
@@ -60,7 +62,7 @@ class WorkerState:
 
 
 # Tried in order; each class's `for_processor` takes the processors it covers and refuses the rest.
-FAST_PATHS: tuple[Any, ...] = (Qwen2VLFastPath,)
+FAST_PATHS: tuple[Any, ...] = (Qwen2VLFastPath, ClipFastPath)
 
 
 def fast_path_for(processor: Any, *, pixels: str = "float32") -> FastPath | None:

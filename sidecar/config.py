@@ -303,7 +303,8 @@ class PreprocessConfig:
     fast_path: bool = field(
         default=True,
         metadata=_bounds(
-            doc="Qwen2-VL / Qwen2.5-VL: workers' fast path, bit-identical to transformers (false: transformers)"
+            doc="Qwen2-VL / Qwen2.5-VL, CLIP, SigLIP: workers' fast path, bit-identical to transformers "
+            "(false: transformers)"
         ),
     )
 

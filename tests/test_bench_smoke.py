@@ -236,8 +236,17 @@ def test_preprocess_throughput(tmp_path: Path) -> None:
         "2",
         "--workers",
         "1",
+        "--fast-presets",
+        "llava-1.5",
+        "--fast-sizes",
+        "720p",
+        "--fast-images",
+        "1",
+        "--fast-rounds",
+        "1",
     )
     assert "| llava-1.5 | 1080p | 2 |" in text
+    assert "| llava-1.5 | 720p 1280x720 | 597x336, crop 336x336 |" in text
 
 
 def test_proxy_overhead(tmp_path: Path) -> None:
