@@ -47,7 +47,7 @@ from .cpu import CpuLoad, Placement, nproc
 from .images import data_url, photo_jpeg
 from .memory import MemorySample, MemorySampler
 from .report import append_results, base_parser, command_line, plot_path, save_plot
-from .stats import markdown_table, ms, pct_change, percentile, size, verdict
+from .stats import fine_size, markdown_table, ms, pct_change, percentile, size, verdict
 
 if TYPE_CHECKING:
     from preprocess.processors import ProcessorSpec
@@ -89,13 +89,6 @@ def pixel_bytes(spec: ProcessorSpec, width: int, height: int) -> dict[str, int]:
 def arena_size(gate: int, per_slot: int) -> int:
     """The arena an offload row gets: `gate` slots of `per_slot` bytes, +1% and 1 MiB of slack."""
     return int(gate * per_slot * 1.01) + MiB
-
-
-def fine_size(nbytes: float) -> str:
-    """`size` with a decimal, and KiB below 1 MiB: per-image and per-slot figures at any image size."""
-    if nbytes >= GiB:
-        return f"{nbytes / GiB:.2f} GiB"
-    return f"{nbytes / MiB:.1f} MiB" if nbytes >= MiB else f"{nbytes / 1024:.0f} KiB"
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ from .common import MiB
 from .cpu import CpuLoad, nproc
 from .images import photo_jpeg
 from .report import append_results, base_parser, command_line, plot_path, save_plot
-from .stats import markdown_table, size, verdict
+from .stats import fine_size, markdown_table, size, verdict
 
 TARGET_RATIO = 0.9
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080), "12MP": (4032, 3024)}
@@ -591,7 +591,7 @@ def fast_table(rows: Sequence[FastRow], images: int, rounds: int) -> tuple[str, 
                 f"{r.resized[0]}x{r.resized[1]}"
                 + ("" if r.resized != SIZES[r.size] else " (no resize)")
                 + ("" if r.cropped is None else f", crop {r.cropped[0]}x{r.cropped[1]}"),
-                size(r.out_bytes),
+                fine_size(r.out_bytes),
                 ms(r.transformers),
                 ms(r.fast),
                 f"{r.speedup:.2f}x",

@@ -29,6 +29,13 @@ def size(nbytes: float) -> str:
     return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / MiB:.0f} MiB"
 
 
+def fine_size(nbytes: float) -> str:
+    """`size` with a decimal, and KiB below 1 MiB: per-image and per-slot figures at any image size."""
+    if nbytes >= GiB:
+        return f"{nbytes / GiB:.2f} GiB"
+    return f"{nbytes / MiB:.1f} MiB" if nbytes >= MiB else f"{nbytes / 1024:.0f} KiB"
+
+
 def pct_change(new: float, base: float) -> str:
     if not base:
         return "-"

@@ -244,9 +244,13 @@ def test_preprocess_throughput(tmp_path: Path) -> None:
         "1",
         "--fast-rounds",
         "1",
+        "--fast-pixels",
+        "float32,bfloat16,uint8",
     )
     assert "| llava-1.5 | 1080p | 2 |" in text
-    assert "| llava-1.5 | 720p 1280x720 | 597x336, crop 336x336 |" in text
+    assert "| llava-1.5 | 720p 1280x720 | float32 | 597x336, crop 336x336 | 1.3 MiB |" in text
+    assert "| llava-1.5 | 720p 1280x720 | bfloat16 | 597x336, crop 336x336 | 662 KiB |" in text  # half
+    assert "| llava-1.5 | 720p | uint8 | - | - | - | - | - | not covered: transformers |" in text  # Qwen only
 
 
 def test_proxy_overhead(tmp_path: Path) -> None:
