@@ -64,7 +64,16 @@ from PIL import Image
 from .processors import bfloat16_bits, run_processor
 from .protocol import NUMPY_DTYPES
 
-__all__ = ["CHANNELS", "FastPath", "NotCovered", "Qwen2VLFastPath", "SelfCheckFailed", "Shapes"]
+__all__ = [
+    "CHANNELS",
+    "FastPath",
+    "NotCovered",
+    "Qwen2VLFastPath",
+    "SelfCheckFailed",
+    "Shapes",
+    "table_path_filter",
+    "value_table",
+]
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]
 
@@ -211,21 +220,15 @@ class Qwen2VLFastPath:
         patch = processor.patch_size
         if patch * patch % 2:
             raise NotCovered(f"patch_size {patch}: the pair gather needs an even number of pixels per patch")
-        resample = processor.resample
-        if isinstance(resample, bool) or not isinstance(resample, int) or int(resample) not in _FILTERS:
-            raise NotCovered(f"resample {resample!r} is not a PIL resampling filter")
-        for key in ("image_mean", "image_std"):
-            value = getattr(processor, key, None)
-            if not isinstance(value, list | tuple) or len(value) != CHANNELS:
-                raise NotCovered(f"{key} {value!r}: the fast path needs {CHANNELS} values")
+        resample = table_path_filter(processor)
         fast = cls(
-            table=_value_table(processor),
+            table=value_table(processor),
             patch_size=patch,
             merge_size=processor.merge_size,
             temporal_patch_size=processor.temporal_patch_size,
             min_pixels=size.shortest_edge,
             max_pixels=size.longest_edge,
-            resample=int(resample),
+            resample=resample,
             smart_resize=qwen_pil.smart_resize,
             pixels=pixels,
         )
@@ -345,7 +348,20 @@ class Qwen2VLFastPath:
             np.take(table, index, out=target[start:stop], mode="wrap")
 
 
-def _value_table(processor: Any) -> npt.NDArray[np.float32]:
+def table_path_filter(processor: Any) -> int:
+    """What every table fast path needs of a processor besides its own steps: a PIL resampling
+    filter (returned) and a mean and std of one value per channel; else ``NotCovered``."""
+    resample = processor.resample
+    if isinstance(resample, bool) or not isinstance(resample, int) or int(resample) not in _FILTERS:
+        raise NotCovered(f"resample {resample!r} is not a PIL resampling filter")
+    for key in ("image_mean", "image_std"):
+        value = getattr(processor, key, None)
+        if not isinstance(value, list | tuple) or len(value) != CHANNELS:
+            raise NotCovered(f"{key} {value!r}: the fast path needs {CHANNELS} values")
+    return int(resample)
+
+
+def value_table(processor: Any) -> npt.NDArray[np.float32]:
     """(3, 256) float32: what the processor's rescale then normalize make of each uint8 value per channel.
 
     Called exactly as its ``_preprocess`` calls them, on a (3, 1, 256) channels-first image.

@@ -27,7 +27,7 @@ instead:
   coverage);
 * rescale and normalize are elementwise per channel on uint8 inputs, so their float32 results form a
   3 x 256 table, computed once per processor by its own ``rescale`` and ``normalize``
-  (``fastpath._value_table``); one gather per channel then writes each float once, in its final
+  (``fastpath.value_table``); one gather per channel then writes each float once, in its final
   channel-first place in the destination (a view over the request's extent). No float image is ever
   materialised.
 
@@ -78,7 +78,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from .fastpath import _FILTERS, CHANNELS, NotCovered, SelfCheckFailed, Shapes, _value_table
+from .fastpath import CHANNELS, NotCovered, SelfCheckFailed, Shapes, table_path_filter, value_table
 from .processors import bfloat16_bits, run_processor
 from .protocol import NUMPY_DTYPES
 
@@ -181,13 +181,7 @@ class ClipFastPath:
             least = resize_hw or (shortest_edge or 0, shortest_edge or 0)
             if crop_hw[0] > least[0] or crop_hw[1] > least[1]:
                 raise NotCovered(f"crop_size {crop_hw} can exceed the resized image {least}: transformers pads there")
-        resample = processor.resample
-        if isinstance(resample, bool) or not isinstance(resample, int) or int(resample) not in _FILTERS:
-            raise NotCovered(f"resample {resample!r} is not a PIL resampling filter")
-        for key in ("image_mean", "image_std"):
-            value = getattr(processor, key, None)
-            if not isinstance(value, list | tuple) or len(value) != CHANNELS:
-                raise NotCovered(f"{key} {value!r}: the fast path needs {CHANNELS} values")
+        resample = table_path_filter(processor)
 
         def resize_output_size(height: int, width: int, edge: int) -> tuple[int, int]:
             # The helper reads only the array's shape: a broadcast view allocates nothing.
@@ -198,8 +192,8 @@ class ClipFastPath:
             return int(out[0]), int(out[1])
 
         fast = cls(
-            table=_value_table(processor),
-            resample=int(resample),
+            table=value_table(processor),
+            resample=resample,
             shortest_edge=shortest_edge,
             resize_hw=resize_hw,
             crop_hw=crop_hw,

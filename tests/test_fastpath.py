@@ -257,16 +257,16 @@ def test_a_processor_that_differs_where_the_table_cannot_see_fails_the_self_chec
     assert fast_path_for(processor) is None
 
 
-def test_only_decoded_images_are_accepted(fast: dict[str, Qwen2VLFastPath]) -> None:
-    path = fast["qwen2-vl"]
-    assert path.accepts(Image.new("RGB", (30, 30)))
-    assert not path.accepts(Image.new("RGBA", (30, 30)))
-    assert not path.accepts(Image.new("L", (30, 30)))
-    transparent = Image.new("RGB", (30, 30))
-    transparent.info["transparency"] = (0, 0, 0)
-    assert not path.accepts(transparent)
-    with pytest.raises(ValueError, match="RGB images without transparency"):
-        path.run(Image.new("RGBA", (30, 30)))
+def test_only_decoded_images_are_accepted(processors: dict[str, Any], fast: dict[str, Qwen2VLFastPath]) -> None:
+    for path in (fast["qwen2-vl"], ClipFastPath.for_processor(processors["siglip"])):
+        assert path.accepts(Image.new("RGB", (30, 30)))
+        assert not path.accepts(Image.new("RGBA", (30, 30)))
+        assert not path.accepts(Image.new("L", (30, 30)))
+        transparent = Image.new("RGB", (30, 30))
+        transparent.info["transparency"] = (0, 0, 0)
+        assert not path.accepts(transparent)
+        with pytest.raises(ValueError, match="RGB images without transparency"):
+            path.run(Image.new("RGBA", (30, 30)))
 
 
 def test_the_config_switch() -> None:

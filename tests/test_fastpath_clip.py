@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import uuid
@@ -45,24 +44,10 @@ from preprocess.processors import (
 from preprocess.protocol import TensorDescriptor
 from preprocess.worker import ImageTask, WorkerSetup, fast_path_for, process_image
 
+from .test_fastpath import encode, photo
+
 PRESETS = ("llava-1.5", "siglip")
 QWEN_PRESETS = ("qwen2-vl", "qwen2.5-vl")
-
-
-def encode(image: Image.Image, fmt: str, **save: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **save)
-    return buf.getvalue()
-
-
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Smooth fields plus noise: every value range, neighbours that differ (a layout bug shows)."""
-    rng = np.random.default_rng(seed)
-    x = np.linspace(0, 6, width, dtype=np.float32)[None, :, None]
-    y = np.linspace(0, 4, height, dtype=np.float32)[:, None, None]
-    base = 128 + 100 * np.sin(x + y * np.array([1.0, 1.7, 2.3], np.float32))
-    pixels = np.clip(base + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels)
 
 
 def corpus() -> Iterator[tuple[str, bytes]]:
@@ -203,18 +188,6 @@ def test_write_fills_a_given_array_and_checks_it(fast: dict[str, ClipFastPath]) 
     strided = np.zeros((1, 3, 336, 672), np.float32)[..., :336]
     with pytest.raises(ValueError, match="C-contiguous"):
         fast["llava-1.5"].write(image, {"pixel_values": strided})
-
-
-def test_only_decoded_images_are_accepted(fast: dict[str, ClipFastPath]) -> None:
-    path = fast["siglip"]
-    assert path.accepts(Image.new("RGB", (30, 30)))
-    assert not path.accepts(Image.new("RGBA", (30, 30)))
-    assert not path.accepts(Image.new("L", (30, 30)))
-    transparent = Image.new("RGB", (30, 30))
-    transparent.info["transparency"] = (0, 0, 0)
-    assert not path.accepts(transparent)
-    with pytest.raises(ValueError, match="RGB images without transparency"):
-        path.run(Image.new("RGBA", (30, 30)))
 
 
 # -- coverage ---------------------------------------------------------------------------------------
