@@ -1,8 +1,7 @@
 """The real-engine tier: the sidecar in passthrough in front of real vLLM (`make vllm-env`).
 
 One vLLM serves the whole run (`vllm_server` in conftest.py: the tiny Qwen2-VL, processor cache off);
-the crash test is the last of tests/test_vllm_offload.py, which kills that module's own vllm-engine
-(behind a passthrough sidecar) rather than start one more vLLM. Every claim about what vLLM did is observed
+the crash test starts one of its own, because it kills it. Every claim about what vLLM did is observed
 from outside the sidecar: vLLM's own answers and /metrics, or `RecordingHop`, a plain aiohttp proxy
 between the sidecar and vLLM that timestamps each request's body sent and its first response byte.
 """
@@ -11,7 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import os
+import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +25,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bench.images import photo_jpeg
-from bench.services import VLLM_MODEL_NAME, Service
+from bench.services import VLLM_MODEL_NAME, Service, vllm
+from engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from sidecar.app import create_app
 from sidecar.app_keys import POOL
 
@@ -273,6 +278,53 @@ async def _until(condition: Any, timeout_s: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM crashes
+
+
+@pytest.fixture
+def doomed_vllm(tmp_path: Path) -> Iterator[Service]:
+    """A vLLM of this test's own (a smaller KV cache), for killing."""
+    model = ensure_tiny_model(tmp_path / TINY_MODEL_NAME)
+    with vllm(model, tmp_path, kv_cache_gb=1) as service:
+        yield service
+
+
+async def test_a_vllm_crash_gives_clear_502s_and_a_log_line(
+    doomed_vllm: Service, aiohttp_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await sidecar_server(aiohttp_server, doomed_vllm.url)
+    chat = url_of(server) + "/v1/chat/completions"
+    caplog.set_level(logging.WARNING, logger="mm_sidecar.upstream")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(chat, json=chat_request(0, max_tokens=1)) as resp:
+            assert resp.status == 200  # it works before the crash
+        waiting = asyncio.create_task(_answer(http, chat, chat_request(1, max_tokens=LONG)))  # upgraded, in flight
+        streaming = await http.post(chat, json=chat_request(2, max_tokens=LONG, stream=True))
+        assert streaming.status == 200
+        await streaming.content.readline()
+        os.killpg(doomed_vllm.pid, signal.SIGKILL)  # API server, EngineCore and worker at once
+
+        status, error = await waiting
+        assert status == 502 and error["error"]["code"] == "upstream_bad_response", error
+        tail = (await streaming.read()).decode()
+        assert "upstream_bad_response" in tail  # in-band: the 200 was already sent
+        # A pooled keep-alive connection to the dead engine is reset; after that nothing listens.
+        status, error = await _answer(http, chat, chat_request(3, max_tokens=1))
+        assert status == 502 and error["error"]["code"] == "upstream_unavailable", error
+        assert error["error"]["message"].startswith(
+            ("the engine closed the connection", "cannot connect to the engine")
+        )
+        status, error = await _answer(http, chat, chat_request(4, max_tokens=1))
+        assert status == 502 and error["error"]["code"] == "upstream_unavailable", error
+        assert "cannot connect to the engine" in error["error"]["message"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mm_sidecar.upstream"]
+    assert any("broke off its answer" in line for line in lines), lines
+    assert any("broke off the stream" in line for line in lines), lines
+    assert any("cannot connect to the engine" in line for line in lines), lines
+    await assert_invariant(server)
 
 
 async def _answer(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, Any]:

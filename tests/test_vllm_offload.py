@@ -26,11 +26,9 @@ import base64
 import dataclasses
 import io
 import json
-import logging
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -58,8 +56,6 @@ from sidecar.app import create_app
 from sidecar.app_keys import PIPELINE, POOL, STATE
 
 from .conftest import assert_invariant, make_config, vllm_metrics
-from .test_vllm import LONG, _answer, chat_request
-from .test_vllm import sidecar_server as vllm_sidecar
 
 MODEL = "tiny"
 SIZES = ((336, 224), (448, 336))  # multiples of 28: no resize in either processor
@@ -796,48 +792,3 @@ async def test_offload_keeps_whole_requests_whole_unless_vllm_with_stream_upgrad
     assert resp.status == 200, await resp.text()
     assert not fake.engine.bodies[0].get("stream")
     await assert_invariant(client)
-
-
-# --------------------------------------------------------------------------------------------------
-# vLLM crashes (last: it kills the module's engine)
-
-
-async def test_a_vllm_crash_gives_clear_502s_and_a_log_line(
-    offload: Offload, aiohttp_server: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The module's vllm-engine is SIGKILLed (API server, EngineCore and both ranks at once) with a request
-    in flight and one streaming, behind a passthrough sidecar (vLLM processes these images itself). It is
-    the module's last test (pytest runs a module's tests in file order), so no other test loses its
-    engine, and it saves the tier a vLLM start of its own."""
-    server = await vllm_sidecar(aiohttp_server, offload.url)
-    chat = url_of(server) + "/v1/chat/completions"
-    caplog.set_level(logging.WARNING, logger="mm_sidecar.upstream")
-    async with aiohttp.ClientSession() as http:
-        async with http.post(chat, json=chat_request(0, max_tokens=1)) as resp:
-            assert resp.status == 200  # it works before the crash
-        # ignore_eos: both must still be generating at the kill (a greedy answer may reach EOS early).
-        waiting = asyncio.create_task(_answer(http, chat, chat_request(1, max_tokens=LONG, ignore_eos=True)))
-        streaming = await http.post(chat, json=chat_request(2, max_tokens=LONG, stream=True, ignore_eos=True))
-        assert streaming.status == 200
-        await streaming.content.readline()
-        assert not waiting.done()  # upgraded, in flight
-        os.killpg(offload.service.pid, signal.SIGKILL)  # API server, EngineCore and both ranks at once
-
-        status, error = await waiting
-        assert status == 502 and error["error"]["code"] == "upstream_bad_response", error
-        tail = (await streaming.read()).decode()
-        assert "upstream_bad_response" in tail  # in-band: the 200 was already sent
-        # A pooled keep-alive connection to the dead engine is reset; after that nothing listens.
-        status, error = await _answer(http, chat, chat_request(3, max_tokens=1))
-        assert status == 502 and error["error"]["code"] == "upstream_unavailable", error
-        assert error["error"]["message"].startswith(
-            ("the engine closed the connection", "cannot connect to the engine")
-        )
-        status, error = await _answer(http, chat, chat_request(4, max_tokens=1))
-        assert status == 502 and error["error"]["code"] == "upstream_unavailable", error
-        assert "cannot connect to the engine" in error["error"]["message"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "mm_sidecar.upstream"]
-    assert any("broke off its answer" in line for line in lines), lines
-    assert any("broke off the stream" in line for line in lines), lines
-    assert any("cannot connect to the engine" in line for line in lines), lines
-    await assert_invariant(server)
