@@ -223,20 +223,18 @@ def _skeleton(buf: Buffer, runs: list[tuple[int, int]], texts: Texts) -> Iterato
 
 
 def _background() -> None:
-    # SCHED_IDLE for this thread only (Linux threads are tasks): on a CPU shared with the event loop,
-    # the scheduler preempts it the moment the loop wakes. Nice 19 alone was not enough: the kernel
-    # lets a running task finish its ~3 ms slice whatever its weight, and with two such threads the
-    # loop still waited over 5 ms for the CPU in 30% of its 100 ms windows on the hostile mix's
-    # deep-header bodies (93% with the threads at the loop's priority). SCHED_IDLE still gets a
-    # small share of a busy CPU, so the work is slowed there, never starved.
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, tid, 19)  # where SCHED_IDLE is refused
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    # Nice 19 for this thread only (Linux threads are tasks): on a CPU shared with the event loop,
+    # the scheduler runs the loop first. Measured on the hostile mix: with the thread at the loop's
+    # priority, the loop waited for the CPU in 93% of its 100 ms windows (30% at nice 19).
+    # Not SCHED_IDLE, which cut that to 13%: this thread holds the GIL between its numpy calls, and
+    # a SCHED_IDLE thread holding it on CPUs kept busy by normal tasks (the workers, an engine) gets
+    # almost no CPU to reach its next release, while the loop waits for the GIL: a stall without end.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def background_executor(workers: int = 2) -> ThreadPoolExecutor:
-    """Threads for `find_runs` and deep header probes, SCHED_IDLE (one pool per app, shut down with it)."""
+    """Threads for `find_runs` and deep header probes, at nice 19 (one pool per app, shut down with it)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mm-hollow", initializer=_background)
 
 
