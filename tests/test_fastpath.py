@@ -117,7 +117,12 @@ def fast_bf16(processors: dict[str, Any]) -> dict[str, Qwen2VLFastPath]:
 
 def qwen_config(directory: Path, **changes: Any) -> Path:
     """The qwen2-vl preset's config with `changes` (a None value removes the key)."""
-    config = json.loads((resolve_processor("qwen2-vl") / CONFIG_NAME).read_text())
+    return preset_config(directory, "qwen2-vl", **changes)
+
+
+def preset_config(directory: Path, preset: str, **changes: Any) -> Path:
+    """A preset's config with `changes` (a None value removes the key)."""
+    config = json.loads((resolve_processor(preset) / CONFIG_NAME).read_text())
     for key, value in changes.items():
         if value is None:
             config.pop(key, None)

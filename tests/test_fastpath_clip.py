@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -33,7 +32,6 @@ from preprocess.extents import reservation_size
 from preprocess.fastpath import NotCovered, Qwen2VLFastPath, SelfCheckFailed
 from preprocess.fastpath_clip import ClipFastPath
 from preprocess.processors import (
-    CONFIG_NAME,
     available_presets,
     decode,
     load_processor,
@@ -44,7 +42,7 @@ from preprocess.processors import (
 from preprocess.protocol import TensorDescriptor
 from preprocess.worker import ImageTask, WorkerSetup, fast_path_for, process_image
 
-from .test_fastpath import encode, photo
+from .test_fastpath import encode, photo, preset_config
 
 PRESETS = ("llava-1.5", "siglip")
 QWEN_PRESETS = ("qwen2-vl", "qwen2.5-vl")
@@ -81,19 +79,6 @@ def assert_identical(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], wha
     for name, array in ref.items():
         assert got[name].dtype == array.dtype and got[name].shape == array.shape, (what, name)
         assert np.array_equal(got[name], array), (what, name)
-
-
-def preset_config(directory: Path, preset: str, **changes: Any) -> Path:
-    """A preset's config with `changes` (a None value removes the key)."""
-    config = json.loads((resolve_processor(preset) / CONFIG_NAME).read_text())
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(config))
-    return directory
 
 
 @pytest.fixture(scope="module")
