@@ -61,6 +61,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from . import kernels
+from .kernels import Kernel
 from .processors import bfloat16_bits, run_processor
 from .protocol import NUMPY_DTYPES
 
@@ -162,6 +164,7 @@ class Qwen2VLFastPath:
         resample: int,
         smart_resize: Callable[..., tuple[int, int]],
         pixels: str = "float32",
+        use_kernel: bool = True,
     ) -> None:
         if table.shape != (CHANNELS, 256) or table.dtype != np.float32:
             raise ValueError(f"table must be float32 of shape ({CHANNELS}, 256), got {table.dtype} {table.shape}")
@@ -184,16 +187,26 @@ class Qwen2VLFastPath:
         # Channel c's pair table starts at c * 65536 in the flat table.
         self._channel_base = (np.arange(CHANNELS, dtype=np.intp) << 16).reshape(1, CHANNELS, 1, 1)
         self._scratch = np.empty((CHUNK, CHANNELS, temporal_patch_size, patch_size * patch_size // 2), np.intp)
+        # The compiled resize and patchify (preprocess.kernels) where built and proven; else numpy.
+        self.kernel = kernels.kernel() if use_kernel else None
+        # patchify's table: the bits of each output item per channel and uint8 value.
+        if self.raw:
+            self._items = np.ascontiguousarray(np.broadcast_to(np.arange(256, dtype=np.uint8), (CHANNELS, 256)))
+        elif pixels == "bfloat16":
+            self._items = np.ascontiguousarray(bfloat16_bits(table))
+        else:
+            self._items = table.view(np.uint32)
 
     # -- building ----------------------------------------------------------------------------------
 
     @classmethod
-    def for_processor(cls, processor: Any, *, pixels: str = "float32") -> Qwen2VLFastPath:
+    def for_processor(cls, processor: Any, *, pixels: str = "float32", use_kernel: bool = True) -> Qwen2VLFastPath:
         """The fast path for ``processor``, proven bit-identical on synthetic images; else ``NotCovered``.
 
         ``pixels`` (``preprocess.transport_dtype``): ``uint8`` writes what ``run_processor(processor,
         image, raw=True)`` returns, the uint8 patches (the same resize and patch order, no rescale or
-        normalise); ``bfloat16`` the processor's float32 rounded (``bfloat16_bits``); each is proven so."""
+        normalise); ``bfloat16`` the processor's float32 rounded (``bfloat16_bits``); each is proven so.
+        ``use_kernel=False`` runs the numpy steps even where ``preprocess.kernels`` is available."""
         try:
             from transformers.models.qwen2_vl import (  # noqa: PLC0415 - heavy: only where processors are built
                 image_processing_pil_qwen2_vl as qwen_pil,
@@ -231,6 +244,7 @@ class Qwen2VLFastPath:
             resample=resample,
             smart_resize=qwen_pil.smart_resize,
             pixels=pixels,
+            use_kernel=use_kernel,
         )
         fast._prove(processor)
         return fast
@@ -301,6 +315,10 @@ class Qwen2VLFastPath:
                     f"{name}: need a C-contiguous {dtype} array of shape {shape}, got {array.dtype} {array.shape}"
                 )
         h, w = self.resized_size(image.width, image.height)
+        outputs["image_grid_thw"][0] = (1, h // self.patch_size, w // self.patch_size)
+        if self.kernel is not None:
+            self._write_compiled(self.kernel, image, w, h, outputs["pixel_values"])
+            return
         if image.size != (w, h):
             image = image.resize((w, h), resample=self.resample, reducing_gap=None)
         patches = self._patch_order(image)
@@ -311,7 +329,28 @@ class Qwen2VLFastPath:
             np.copyto(target, patches.reshape(count, CHANNELS, 1, size))
         else:
             self._gather(patches, outputs["pixel_values"])
-        outputs["image_grid_thw"][0] = (1, h // self.patch_size, w // self.patch_size)
+
+    def _write_compiled(self, kernel: Kernel, image: Image.Image, w: int, h: int, out: npt.NDArray[Any]) -> None:
+        """The compiled steps: PIL's resize bit for bit (reading the image's own memory), then one
+        pass writing every item of every patch, the temporal copies included."""
+        pixels: object
+        if image.size == (w, h):
+            pixels, _alive = kernel.source(image)  # smart_resize kept the size: no copy at all
+        elif self.resample in kernels.FILTERS:
+            pixels = kernel.resize(image, w, h, self.resample)
+        else:  # NEAREST: PIL's own call, then its memory
+            image = image.resize((w, h), resample=self.resample, reducing_gap=None)
+            pixels, _alive = kernel.source(image)
+        kernel.patchify(
+            pixels,
+            w,
+            h,
+            out,
+            self._items,
+            patch=self.patch_size,
+            merge=self.merge_size,
+            temporal=self.temporal_patch_size,
+        )
 
     def _patch_order(self, image: Image.Image) -> npt.NDArray[np.uint8]:
         """The (h, w) RGB image's pixels as (patches, 3, P, P) uint8, in the processor's patch order.

@@ -78,6 +78,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from . import kernels
 from .fastpath import CHANNELS, NotCovered, SelfCheckFailed, Shapes, table_path_filter, value_table
 from .processors import bfloat16_bits, run_processor
 from .protocol import NUMPY_DTYPES
@@ -110,6 +111,7 @@ class ClipFastPath:
         crop_hw: tuple[int, int] | None = None,
         resize_output_size: Callable[..., tuple[int, int]],
         pixels: str = "float32",
+        use_kernel: bool = True,
     ) -> None:
         if table.shape != (CHANNELS, 256) or table.dtype != np.float32:
             raise ValueError(f"table must be float32 of shape ({CHANNELS}, 256), got {table.dtype} {table.shape}")
@@ -127,15 +129,18 @@ class ClipFastPath:
         self.crop_hw = crop_hw
         # transformers' get_resize_output_image_size: its float arithmetic and its truncation
         self._resize_output_size = resize_output_size
+        # PIL's resize, compiled and proven (preprocess.kernels), where built; else PIL's own call.
+        self.kernel = kernels.kernel() if use_kernel and resample in kernels.FILTERS else None
 
     # -- building ----------------------------------------------------------------------------------
 
     @classmethod
-    def for_processor(cls, processor: Any, *, pixels: str = "float32") -> ClipFastPath:
+    def for_processor(cls, processor: Any, *, pixels: str = "float32", use_kernel: bool = True) -> ClipFastPath:
         """The fast path for ``processor``, proven bit-identical on synthetic images; else ``NotCovered``.
 
         ``pixels`` (``preprocess.transport_dtype``): ``float32``, the processor's output; ``bfloat16``,
-        that rounded (``bfloat16_bits``), proven so; ``uint8`` is not covered."""
+        that rounded (``bfloat16_bits``), proven so; ``uint8`` is not covered. ``use_kernel=False``
+        resizes with PIL's own call even where ``preprocess.kernels`` is available."""
         try:
             from transformers.image_transforms import (  # noqa: PLC0415 - heavy: only where processors are built
                 get_resize_output_image_size,
@@ -199,6 +204,7 @@ class ClipFastPath:
             crop_hw=crop_hw,
             resize_output_size=resize_output_size,
             pixels=pixels,
+            use_kernel=use_kernel,
         )
         fast._prove(processor)
         return fast
@@ -278,11 +284,16 @@ class ClipFastPath:
                 f"pixel_values: need a C-contiguous {dtype} array of shape {shape}, got {out.dtype} {out.shape}"
             )
         h, w = self.resized_size(image.width, image.height)
-        if image.size != (w, h):
-            image = image.resize((w, h), resample=self.resample, reducing_gap=None)
+        resized: npt.NDArray[np.uint8]
+        if image.size == (w, h):
+            resized = np.asarray(image)
+        elif self.kernel is not None:
+            resized = self.kernel.resize(image, w, h, self.resample)  # (h, w, 4): R, G, B, pad
+        else:
+            resized = np.asarray(image.resize((w, h), resample=self.resample, reducing_gap=None))
         crop_h, crop_w = shape[2], shape[3]
         top, left = (h - crop_h) // 2, (w - crop_w) // 2  # center_crop's offsets
-        pixels = np.asarray(image)[top : top + crop_h, left : left + crop_w]  # (crop_h, crop_w, 3) uint8
+        pixels = resized[top : top + crop_h, left : left + crop_w]  # (crop_h, crop_w, 3 or 4) uint8
         planes = out.reshape(CHANNELS, crop_h, crop_w)
         for channel in range(CHANNELS):
             # uint8 indices are always in range: "clip" skips take's bounds check and buffering.
