@@ -277,45 +277,73 @@ load_u32(const uint8_t *p) {
     return v;
 }
 
-/* Two output pixels per 256-bit register (4 channels each); the pair's coefficients interleaved
- * as [kA x4, kB x4] per tap. A pair runs all ksize taps (zeros past each count), so it needs
- * xmin + ksize <= in_w for both pixels; the pairs at the right edge that do not go scalar. */
+/* Two output pixels per iteration, four taps per step, with 16-bit multiply-adds (vpmaddwd: 16
+ * products and 8 pair sums per instruction). A coefficient has 22 fractional bits, too wide for 16, so
+ * each is split exactly into k = kh * 2^11 + kl (kl in [0, 2^11), |kh| < 2^12): two multiply-adds,
+ * then (sum_h << 11) + sum_l, which is the full sum (it fits in int32, as Pillow's own does). A
+ * step's four source pixels (16 bytes, R G B pad each) are loaded into both 128-bit lanes and
+ * shuffled to 16-bit [tap0, tap1] pairs per channel in lane 0 and [tap2, tap3] in lane 1.
+ * A pair runs the steps its wider pixel needs (taps past a pixel's count have zero coefficients),
+ * so it needs xmin + 4 * steps <= in_w for both; from the first pair that does not (the right
+ * edge), the scalar loop finishes the row. Per-pixel overhead, not the taps, is what costs here:
+ * one iteration's reduction serves both pixels. */
 __attribute__((target("avx2"))) static void
 horizontal_avx2(const uint8_t *src, Py_ssize_t src_stride, int first, int rows, uint8_t *dst,
-                Py_ssize_t dst_stride, int in_w, int out_w, const coeffs *c, int32_t *pair_k) {
-    const int ksize = c->ksize;
-    int pairs = 0;
-    /* pairs [0, pairs) take the vector loop */
-    for (int xx = 0; xx + 1 < out_w; xx += 2) {
-        if (c->bounds[xx * 2] + ksize > in_w || c->bounds[xx * 2 + 2] + ksize > in_w) {
-            break;
-        }
-        for (int k = 0; k < ksize; k++) {
-            for (int lane = 0; lane < 4; lane++) {
-                pair_k[(pairs * ksize + k) * 8 + lane] = c->kk[xx * ksize + k];
-                pair_k[(pairs * ksize + k) * 8 + 4 + lane] = c->kk[(xx + 1) * ksize + k];
+                Py_ssize_t dst_stride, int in_w, int out_w, const coeffs *c, int16_t *split) {
+    const int ksize = c->ksize, steps_max = (ksize + 3) / 4;
+    /* split: per pixel, per step, 16 int16 of kl then 16 of kh, zero past the pixel's count;
+     * then one step count per pair */
+    int16_t *steps = split + (size_t)out_w * steps_max * 32;
+    memset(split, 0, (size_t)out_w * steps_max * 32 * sizeof(int16_t));
+    for (int xx = 0; xx < out_w; xx++) {
+        int count = c->bounds[xx * 2 + 1];
+        for (int tap = 0; tap < count; tap++) {
+            int16_t *lo = split + ((size_t)xx * steps_max + tap / 4) * 32, *hi = lo + 16;
+            int lane = (tap % 4) / 2, t = tap % 2;
+            int32_t k = c->kk[xx * ksize + tap];
+            for (int ch = 0; ch < 4; ch++) {
+                lo[lane * 8 + ch * 2 + t] = (int16_t)(k & 0x7ff);
+                hi[lane * 8 + ch * 2 + t] = (int16_t)(k >> 11);
             }
         }
-        pairs++;
     }
+    int pairs = 0;
+    for (; pairs < out_w / 2; pairs++) {
+        int a = 2 * pairs, b = a + 1;
+        int na = (c->bounds[a * 2 + 1] + 3) / 4, nb = (c->bounds[b * 2 + 1] + 3) / 4, n = na > nb ? na : nb;
+        if (c->bounds[a * 2] + 4 * n > in_w || c->bounds[b * 2] + 4 * n > in_w) {
+            break;
+        }
+        steps[pairs] = (int16_t)n;
+    }
+    /* lane 0: taps 0, 1 of channels 0..3 as 16-bit pairs; lane 1: taps 2, 3 (bytes 8..15) */
+    const __m256i spread = _mm256_setr_epi8(0, -1, 4, -1, 1, -1, 5, -1, 2, -1, 6, -1, 3, -1, 7, -1, 8, -1, 12, -1, 9,
+                                            -1, 13, -1, 10, -1, 14, -1, 11, -1, 15, -1);
     const __m256i half = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
     for (int yy = 0; yy < rows; yy++) {
         const uint8_t *in = src + (first + yy) * src_stride;
         uint8_t *out = dst + yy * dst_stride;
         for (int p = 0; p < pairs; p++) {
-            const uint8_t *pa = in + c->bounds[p * 4] * 4;
-            const uint8_t *pb = in + c->bounds[p * 4 + 2] * 4;
-            const int32_t *kp = &pair_k[p * ksize * 8];
-            __m256i acc = half;
-            for (int k = 0; k < ksize; k++) {
-                __m128i ab = _mm_unpacklo_epi32(_mm_cvtsi32_si128((int)load_u32(pa + 4 * k)),
-                                                _mm_cvtsi32_si128((int)load_u32(pb + 4 * k)));
-                __m256i v = _mm256_cvtepu8_epi32(ab);
-                __m256i kv = _mm256_loadu_si256((const __m256i *)(kp + 8 * k));
-                acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(v, kv));
+            const uint8_t *pa = in + c->bounds[p * 4] * 4, *pb = in + c->bounds[p * 4 + 2] * 4;
+            const __m256i *ka = (const __m256i *)(split + (size_t)(2 * p) * steps_max * 32);
+            const __m256i *kb = ka + 2 * steps_max;
+            __m256i la = _mm256_setzero_si256(), ha = la, lb = la, hb = la;
+            for (int j = 0; j < steps[p]; j++) {
+                __m256i xa = _mm256_shuffle_epi8(
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(pa + 16 * j))), spread);
+                __m256i xb = _mm256_shuffle_epi8(
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(pb + 16 * j))), spread);
+                la = _mm256_add_epi32(la, _mm256_madd_epi16(xa, _mm256_loadu_si256(ka + 2 * j)));
+                ha = _mm256_add_epi32(ha, _mm256_madd_epi16(xa, _mm256_loadu_si256(ka + 2 * j + 1)));
+                lb = _mm256_add_epi32(lb, _mm256_madd_epi16(xb, _mm256_loadu_si256(kb + 2 * j)));
+                hb = _mm256_add_epi32(hb, _mm256_madd_epi16(xb, _mm256_loadu_si256(kb + 2 * j + 1)));
             }
-            acc = _mm256_srai_epi32(acc, PRECISION_BITS);
-            __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+            __m256i sa = _mm256_add_epi32(_mm256_slli_epi32(ha, 11), la);
+            __m256i sb = _mm256_add_epi32(_mm256_slli_epi32(hb, 11), lb);
+            /* [A's taps 0-1 | B's taps 0-1] + [A's taps 2-3 | B's taps 2-3]: 4 channels of A, of B */
+            __m256i v = _mm256_add_epi32(_mm256_permute2x128_si256(sa, sb, 0x20), _mm256_permute2x128_si256(sa, sb, 0x31));
+            v = _mm256_srai_epi32(_mm256_add_epi32(v, half), PRECISION_BITS);
+            __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
             _mm_storel_epi64((__m128i *)(out + p * 8), _mm_packus_epi16(w16, w16));
         }
     }
@@ -381,10 +409,10 @@ static int use_simd = 1; /* set_simd(False): the scalar loops, to test one again
 
 static void
 horizontal(const uint8_t *src, Py_ssize_t src_stride, int first, int rows, uint8_t *dst, Py_ssize_t dst_stride,
-           int in_w, int out_w, const coeffs *c, int32_t *pair_k, int simd) {
+           int in_w, int out_w, const coeffs *c, int16_t *split, int simd) {
 #if MM_X86
     if (simd) {
-        horizontal_avx2(src, src_stride, first, rows, dst, dst_stride, in_w, out_w, c, pair_k);
+        horizontal_avx2(src, src_stride, first, rows, dst, dst_stride, in_w, out_w, c, split);
         return;
     }
 #endif
@@ -483,18 +511,19 @@ check_size(const char *what, Py_ssize_t have, int w, int h) {
 }
 
 PyDoc_STRVAR(resample_doc,
-             "resample(src, src_w, src_h, dst, dst_w, dst_h, filter, order)\n\n"
+             "resample(src, src_w, src_h, dst, dst_w, dst_h, filter, order, window)\n\n"
              "Pillow's Image.resize(..., filter, reducing_gap=None) of a 4-byte-per-pixel image, bit for bit.\n"
-             "src: a C-contiguous buffer or a Pillow Arrow array capsule; dst: a writable buffer of\n"
-             "dst_w * dst_h * 4 bytes. filter: PIL's LANCZOS, BILINEAR, BICUBIC, BOX or HAMMING. order: the pass\n"
+             "src: a C-contiguous buffer or a Pillow Arrow array capsule. window: (x0, y0, x1, y1), the part\n"
+             "of the dst_w x dst_h output to compute; dst: a writable buffer of its (x1-x0) * (y1-y0) * 4 bytes. filter: PIL's LANCZOS, BILINEAR, BICUBIC, BOX or HAMMING. order: the pass\n"
              "order of Pillow 13 (13: vertical first when the height shrinks most) or of earlier ones (0).");
 
 static PyObject *
 resample(PyObject *self, PyObject *args) {
     PyObject *src_obj;
     Py_buffer dst;
-    int src_w, src_h, dst_w, dst_h, filter, order;
-    if (!PyArg_ParseTuple(args, "Oiiw*iiii", &src_obj, &src_w, &src_h, &dst, &dst_w, &dst_h, &filter, &order)) {
+    int src_w, src_h, dst_w, dst_h, filter, order, x0, y0, x1, y1;
+    if (!PyArg_ParseTuple(args, "Oiiw*iiii(iiii)", &src_obj, &src_w, &src_h, &dst, &dst_w, &dst_h, &filter, &order,
+                          &x0, &y0, &x1, &y1)) {
         return NULL;
     }
     source src;
@@ -505,8 +534,16 @@ resample(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     coeffs horiz = {0}, vert = {0};
     uint8_t *temp = NULL;
-    int32_t *pair_k = NULL;
-    if (check_size("src", src.len, src_w, src_h) < 0 || check_size("dst", dst.len, dst_w, dst_h) < 0) {
+    int16_t *split = NULL;
+    if (check_size("src", src.len, src_w, src_h) < 0 || check_size("size", (Py_ssize_t)dst_w * dst_h * 4, dst_w, dst_h) < 0) {
+        goto done;
+    }
+    if (x0 < 0 || y0 < 0 || x1 > dst_w || y1 > dst_h || x0 >= x1 || y0 >= y1) {
+        PyErr_Format(PyExc_ValueError, "window (%d, %d, %d, %d) is not inside the %dx%d output", x0, y0, x1, y1, dst_w, dst_h);
+        goto done;
+    }
+    int ow = x1 - x0, oh = y1 - y0;
+    if (check_size("dst", dst.len, ow, oh) < 0) {
         goto done;
     }
     if (order != 0 && order != 13) {
@@ -519,61 +556,59 @@ resample(PyObject *self, PyObject *args) {
     }
     const struct filter *fp = &FILTERS[filter];
     int need_h = dst_w != src_w, need_v = dst_h != src_h;
-    if (coeffs_make(&vert, src_h, 0.0f, (float)src_h, dst_h, fp) < 0) {
+    if (coeffs_make(&vert, src_h, 0.0f, (float)src_h, dst_h, fp) < 0 ||
+        coeffs_make(&horiz, src_w, 0.0f, (float)src_w, dst_w, fp) < 0) {
         PyErr_NoMemory();
         goto done;
     }
-    /* rows of the source the vertical pass reads (Pillow's ybox_first / ybox_last) */
-    int first = vert.bounds[0];
-    int last = vert.bounds[dst_h * 2 - 2] + vert.bounds[dst_h * 2 - 1];
+    /* The window: output pixels do not depend on each other, so only its rows and columns are
+     * computed (a center crop resizes no more than it keeps), from these shifted coefficients. */
+    coeffs vwin = {vert.ksize, vert.bounds + 2 * y0, vert.kk + (size_t)y0 * vert.ksize};
+    coeffs hwin = {horiz.ksize, horiz.bounds + 2 * x0, horiz.kk + (size_t)x0 * horiz.ksize};
+    /* rows of the source the window's vertical pass reads (Pillow's ybox_first / ybox_last) */
+    int first = vwin.bounds[0];
+    int last = vwin.bounds[oh * 2 - 2] + vwin.bounds[oh * 2 - 1];
     int simd = use_simd && have_avx2();
     /* Pillow 13 runs the vertical pass first when the height shrinks by more than twice what the
      * width does (fewer rows for the horizontal pass); earlier Pillows always start horizontally.
      * The order changes the 8-bit intermediate, so it changes the output: `order` says whose. */
     int horizontal_first = order == 0 || !((src_h - dst_h) > 0 && (src_h - dst_h) > (src_w - dst_w) * 2);
-    if (need_h) {
-        if (coeffs_make(&horiz, src_w, 0.0f, (float)src_w, dst_w, fp) < 0) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        if (need_v) {
-            temp = malloc(horizontal_first ? (size_t)(last - first) * dst_w * 4 : (size_t)dst_h * src_w * 4);
-            if (!temp) {
-                PyErr_NoMemory();
-                goto done;
-            }
-        }
-        pair_k = malloc(((size_t)dst_w / 2 + 1) * horiz.ksize * 8 * sizeof(int32_t));
-        if (!pair_k) {
-            PyErr_NoMemory();
-            goto done;
-        }
+    if (need_h && need_v) {
+        temp = malloc(horizontal_first ? (size_t)(last - first) * ow * 4 : (size_t)oh * src_w * 4);
+    }
+    /* horizontal_avx2's split coefficients (32 int16 per pixel and step) and step counts */
+    split = malloc(((size_t)ow * ((horiz.ksize + 3) / 4) * 32 + ow / 2 + 1) * sizeof(int16_t));
+    if ((need_h && need_v && !temp) || !split) {
+        PyErr_NoMemory();
+        goto done;
     }
     Py_BEGIN_ALLOW_THREADS;
-    Py_ssize_t in_row = (Py_ssize_t)src_w * 4, out_row = (Py_ssize_t)dst_w * 4;
+    Py_ssize_t in_row = (Py_ssize_t)src_w * 4, out_row = (Py_ssize_t)ow * 4;
     if (need_h && need_v && horizontal_first) {
         /* the rows the vertical pass reads, resampled horizontally into temp, then down */
-        horizontal(src.ptr, in_row, first, last - first, temp, out_row, src_w, dst_w, &horiz, pair_k, simd);
-        for (int i = 0; i < dst_h; i++) {
-            vert.bounds[i * 2] -= first;
+        horizontal(src.ptr, in_row, first, last - first, temp, out_row, src_w, ow, &hwin, split, simd);
+        for (int i = 0; i < oh; i++) {
+            vwin.bounds[i * 2] -= first;
         }
-        vertical(temp, out_row, dst.buf, out_row, out_row, dst_h, &vert, simd);
+        vertical(temp, out_row, dst.buf, out_row, out_row, oh, &vwin, simd);
     } else if (need_h && need_v) {
-        vertical(src.ptr, in_row, temp, in_row, in_row, dst_h, &vert, simd);
-        horizontal(temp, in_row, 0, dst_h, dst.buf, out_row, src_w, dst_w, &horiz, pair_k, simd);
+        vertical(src.ptr, in_row, temp, in_row, in_row, oh, &vwin, simd);
+        horizontal(temp, in_row, 0, oh, dst.buf, out_row, src_w, ow, &hwin, split, simd);
     } else if (need_h) {
-        horizontal(src.ptr, in_row, 0, src_h, dst.buf, out_row, src_w, dst_w, &horiz, pair_k, simd);
+        horizontal(src.ptr, in_row, y0, oh, dst.buf, out_row, src_w, ow, &hwin, split, simd);
     } else if (need_v) {
-        vertical(src.ptr, in_row, dst.buf, out_row, out_row, dst_h, &vert, simd);
+        vertical(src.ptr + (size_t)x0 * 4, in_row, dst.buf, out_row, out_row, oh, &vwin, simd);
     } else {
-        memcpy(dst.buf, src.ptr, (size_t)src.len);
+        for (int y = 0; y < oh; y++) {
+            memcpy((uint8_t *)dst.buf + y * out_row, src.ptr + (y0 + y) * in_row + (size_t)x0 * 4, (size_t)out_row);
+        }
     }
     Py_END_ALLOW_THREADS;
     result = Py_None;
     Py_INCREF(result);
 done:
     free(temp);
-    free(pair_k);
+    free(split);
     coeffs_free(&horiz);
     coeffs_free(&vert);
     source_release(&src);

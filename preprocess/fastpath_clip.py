@@ -284,16 +284,16 @@ class ClipFastPath:
                 f"pixel_values: need a C-contiguous {dtype} array of shape {shape}, got {out.dtype} {out.shape}"
             )
         h, w = self.resized_size(image.width, image.height)
-        resized: npt.NDArray[np.uint8]
-        if image.size == (w, h):
-            resized = np.asarray(image)
-        elif self.kernel is not None:
-            resized = self.kernel.resize(image, w, h, self.resample)  # (h, w, 4): R, G, B, pad
-        else:
-            resized = np.asarray(image.resize((w, h), resample=self.resample, reducing_gap=None))
         crop_h, crop_w = shape[2], shape[3]
         top, left = (h - crop_h) // 2, (w - crop_w) // 2  # center_crop's offsets
-        pixels = resized[top : top + crop_h, left : left + crop_w]  # (crop_h, crop_w, 3 or 4) uint8
+        pixels: npt.NDArray[np.uint8]  # (crop_h, crop_w, 3 or 4) uint8
+        if image.size != (w, h) and self.kernel is not None:
+            # only the crop is resized: (crop_h, crop_w, 4), R, G, B, pad
+            pixels = self.kernel.resize(image, w, h, self.resample, (left, top, left + crop_w, top + crop_h))
+        else:
+            if image.size != (w, h):
+                image = image.resize((w, h), resample=self.resample, reducing_gap=None)
+            pixels = np.asarray(image)[top : top + crop_h, left : left + crop_w]
         planes = out.reshape(CHANNELS, crop_h, crop_w)
         for channel in range(CHANNELS):
             # uint8 indices are always in range: "clip" skips take's bounds check and buffering.

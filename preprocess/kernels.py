@@ -80,14 +80,25 @@ class Kernel:
             return data, data
         return array, (schema, array)
 
-    def resize(self, image: Image.Image, width: int, height: int, resample: int) -> npt.NDArray[np.uint8]:
+    def resize(
+        self,
+        image: Image.Image,
+        width: int,
+        height: int,
+        resample: int,
+        window: tuple[int, int, int, int] | None = None,
+    ) -> npt.NDArray[np.uint8]:
         """``image.resize((width, height), resample, reducing_gap=None)`` as (height, width, 4) uint8
-        (R, G, B, pad: PIL's own layout of an RGB image), bit-identical to it."""
+        (R, G, B, pad: PIL's own layout of an RGB image), bit-identical to it; with ``window``
+        (left, top, right, bottom), only that part of it (the crop of the full resize, computed alone)."""
         if resample not in FILTERS:
             raise ValueError(f"resample {resample!r}: the kernel resamples with {sorted(FILTERS)}")
-        out = np.empty((height, width, 4), np.uint8)
+        left, top, right, bottom = window or (0, 0, width, height)
+        out = np.empty((bottom - top, right - left, 4), np.uint8)
         pixels, _alive = self.source(image)
-        self._module.resample(pixels, image.width, image.height, out, width, height, resample, self.order)
+        self._module.resample(
+            pixels, image.width, image.height, out, width, height, resample, self.order, (left, top, right, bottom)
+        )
         return out
 
     def rgbx(self, image: Image.Image) -> npt.NDArray[np.uint8]:
@@ -125,8 +136,14 @@ def _check(module: Any, order: int) -> str | None:
                 for resample in sorted(FILTERS):
                     expected = np.asarray(image.resize((dw, dh), resample, reducing_gap=None))
                     got = np.empty((dh, dw, 4), np.uint8)
-                    module.resample(data, sw, sh, got, dw, dh, resample, order)
-                    if not np.array_equal(got[..., :3], expected):
+                    module.resample(data, sw, sh, got, dw, dh, resample, order, (0, 0, dw, dh))
+                    # and a window inside it, as a center crop asks
+                    box = (dw // 3, dh // 4, dw - dw // 5, dh - dh // 3)
+                    part = np.empty((box[3] - box[1], box[2] - box[0], 4), np.uint8)
+                    module.resample(data, sw, sh, part, dw, dh, resample, order, box)
+                    if not np.array_equal(got[..., :3], expected) or not np.array_equal(
+                        part[..., :3], expected[box[1] : box[3], box[0] : box[2]]
+                    ):
                         return f"{sw}x{sh} -> {dw}x{dh} filter {resample} ({module.simd()}) differs from PIL's"
         finally:
             module.set_simd(True)

@@ -3,7 +3,7 @@
 * resample equals the installed PIL's ``Image.resize(..., reducing_gap=None)`` for every filter it
   takes, up and down in each direction (Pillow 13's vertical-first case included), with the AVX2 loops
   and with the scalar ones, from a copy of the pixels and from the image's own memory (Arrow), and
-  from an image PIL keeps in several blocks;
+  from an image PIL keeps in several blocks; a window of it equals that crop of the whole;
 * the proof before first use is not vacuous: the other Pillow pass order fails it;
 * patchify equals the numpy steps it replaces, for every transport dtype, on resized and kept sizes;
 * bad arguments (sizes, buffers, capsules, filters) raise ValueError or TypeError, never write
@@ -79,6 +79,25 @@ def test_resize_equals_pil_for_every_filter_and_direction(resample: int, simd: b
         assert np.array_equal(got[..., :3], expected), f"{sw}x{sh} -> {dw}x{dh}, filter {resample}, simd {simd}"
 
 
+@pytest.mark.parametrize("resample", [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR])
+def test_a_window_is_the_crop_of_the_whole_resize(resample: int, simd: bool) -> None:
+    assert KERNEL is not None
+    rng = np.random.default_rng(int(resample))
+    for n, (sw, sh, dw, dh) in enumerate(sizes(resample + 10, 25)):
+        image = random_image(sw, sh, n)
+        expected = np.asarray(image.resize((dw, dh), resample, reducing_gap=None))
+        left, right = sorted(int(v) for v in rng.integers(0, dw + 1, 2))
+        top, bottom = sorted(int(v) for v in rng.integers(0, dh + 1, 2))
+        right, bottom = max(right, left + 1), max(bottom, top + 1)
+        if right > dw:
+            left, right = dw - 1, dw
+        if bottom > dh:
+            top, bottom = dh - 1, dh
+        got = KERNEL.resize(image, dw, dh, resample, (left, top, right, bottom))
+        want = expected[top:bottom, left:right]
+        assert np.array_equal(got[..., :3], want), f"{sw}x{sh} -> {dw}x{dh} window {(left, top, right, bottom)}"
+
+
 def test_resize_reads_a_decoded_images_own_memory_and_equals_pil() -> None:
     assert KERNEL is not None
     image = jpeg(640, 360)
@@ -133,22 +152,27 @@ def test_patchify_equals_the_numpy_steps(pixels: str, preset: str, simd: bool) -
 def test_bad_arguments_are_refused_without_writing() -> None:
     src = bytes(8 * 6 * 4)
     dst = np.full((5, 7, 4), 17, np.uint8)
+    whole = (0, 0, 7, 5)
     cases = [
-        ((src, 8, 7, dst, 7, 5, 3, 13), "src: 192 bytes"),  # the size does not match the buffer
-        ((src, 8, 6, dst, 7, 6, 3, 13), "dst: 140 bytes"),
-        ((src, 8, 6, dst, 7, 5, 0, 13), "filter 0"),  # NEAREST is PIL's own call
-        ((src, 8, 6, dst, 7, 5, 6, 13), "filter 6"),
-        ((src, 8, 6, dst, 7, 5, 3, 12), "order 12"),
-        ((src, -8, -6, dst, 7, 5, 3, 13), "bad size"),
-        ((src, 0, 6, dst, 7, 5, 3, 13), "bad size"),
+        ((src, 8, 7, dst, 7, 5, 3, 13, whole), "src: 192 bytes"),  # the size does not match the buffer
+        ((src, 8, 6, dst, 7, 6, 3, 13, (0, 0, 7, 6)), "dst: 140 bytes"),
+        ((src, 8, 6, dst, 7, 5, 0, 13, whole), "filter 0"),  # NEAREST is PIL's own call
+        ((src, 8, 6, dst, 7, 5, 6, 13, whole), "filter 6"),
+        ((src, 8, 6, dst, 7, 5, 3, 12, whole), "order 12"),
+        ((src, -8, -6, dst, 7, 5, 3, 13, whole), "bad size"),
+        ((src, 0, 6, dst, 7, 5, 3, 13, whole), "bad size"),
+        ((src, 8, 6, dst, 7, 5, 3, 13, (0, 0, 8, 5)), "not inside the 7x5 output"),
+        ((src, 8, 6, dst, 7, 5, 3, 13, (-1, 0, 6, 5)), "not inside"),
+        ((src, 8, 6, dst, 7, 5, 3, 13, (3, 0, 3, 5)), "not inside"),  # empty
+        ((src, 8, 6, dst, 7, 5, 3, 13, (1, 0, 7, 5)), "dst: 140 bytes, a 6x5"),  # a window smaller than dst
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             _kernels.resample(*args)
     with pytest.raises(TypeError):
-        _kernels.resample(src, 8, 6, bytes(140), 7, 5, 3, 13)  # a read-only destination
+        _kernels.resample(src, 8, 6, bytes(140), 7, 5, 3, 13, whole)  # a read-only destination
     with pytest.raises(ValueError, match="arrow_array"):
-        _kernels.resample(datetime.datetime_CAPI, 8, 6, dst, 7, 5, 3, 13)  # a capsule, but not an Arrow array
+        _kernels.resample(datetime.datetime_CAPI, 8, 6, dst, 7, 5, 3, 13, whole)  # a capsule, not an Arrow array
     assert (dst == 17).all()
     table = np.zeros((3, 256), np.uint32)
     out = np.full(2 * 4 * 3 * 2 * 196, 5, np.uint32)  # twice what 4 patches of 3 x 2 x 14 x 14 need
