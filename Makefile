@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit clean promtool vllm-env
 
-$(STAMP): pyproject.toml setup.py preprocess/_kernels.c
+$(STAMP): pyproject.toml setup.py preprocess/_kernels.c sidecar/_scan.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

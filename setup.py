@@ -1,7 +1,10 @@
-"""The one compiled module, preprocess._kernels (project metadata is in pyproject.toml).
+"""The compiled modules (project metadata is in pyproject.toml).
 
-Optional: where it does not build (no C compiler, no Python headers) the fast paths run their numpy
-and PIL steps instead, with the same outputs (preprocess/kernels.py says which one runs).
+- preprocess._kernels: the fast paths' resize and patchify (preprocess/kernels.py);
+- sidecar._scan: one pass counting and copying each arriving body chunk (sidecar/bodies.py).
+
+Both are optional: where they do not build (no C compiler, no Python headers) the same steps run in
+numpy and PIL, with the same results.
 """
 
 from setuptools import Extension, setup
@@ -15,6 +18,12 @@ setup(
             # multiply-add); the AVX2 loops are chosen at run time, so no -march flag.
             extra_compile_args=["-O3", "-ffp-contract=off", "-Wall", "-Wno-unused-function"],
             optional=True,
-        )
+        ),
+        Extension(
+            "sidecar._scan",
+            ["sidecar/_scan.c"],
+            extra_compile_args=["-O3", "-Wall"],  # AVX2 chosen at run time
+            optional=True,
+        ),
     ]
 )

@@ -13,21 +13,25 @@ same class) makes a new array at every step of its ``_preprocess``:
    ``temporal_patch_size`` (T) times, in one transposing copy.
 
 ``Qwen2VLFastPath`` computes the same bits in fewer passes, writing straight into the destination
-(a view over the request's extent):
+(a view over the request's extent). With the compiled loops (``preprocess.kernels``, the default
+where they built and proved equal to the installed PIL):
 
-* resize: the same ``Image.resize`` call on the same uint8 pixels (PIL's resampling is fixed-point
-  integer arithmetic), so the resized pixels are identical; an image already at the target size is
-  not copied (PIL's ``resize`` would return a copy of it);
+* resize: PIL's own fixed-point resampling, reimplemented bit for bit in C (Pillow's coefficients,
+  pass order and rounding; the integer sums in AVX2), reading the decoded image's memory (Pillow's
+  Arrow export: no copy). An image already at the target size is not copied at all;
 * rescale and normalize are elementwise per channel and their inputs are uint8, so their float32
   results form a 3 x 256 table. It is computed once per processor by the processor's own
   ``rescale`` and ``normalize`` methods on an image holding every value in every channel, so the
   table is those methods' bits, not a re-implementation of their arithmetic;
-* patchify on uint8, not float32: each channel plane, as PIL packs it, is rearranged into patch
-  order by one transposing copy whose items are patch rows (P bytes), a few hundred thousand at 1080p;
-* then one gather per pair of neighbouring pixels (a 65,536-entry table per channel of float32
-  pairs, built from the 256-entry one) writes every float in its final place, the T temporal copies
-  included, in chunks of patches whose index scratch stays in cache. No float image is ever
-  materialised.
+* patchify: one compiled pass over the resized pixels in patch order writes each item through the
+  table (float32 bits, bfloat16 bits, or the byte itself for uint8 transport), each frame
+  ``temporal_patch_size`` times. No float image is ever materialised.
+
+Without them (``use_kernel=False``, or no compiler), the same bits come from numpy and PIL: PIL's
+``Image.resize`` call; each channel plane, as PIL packs it, rearranged into patch order by one
+transposing copy whose items are patch rows (P bytes); then one gather per pair of neighbouring
+pixels (a 65,536-entry table per channel of float32 pairs, built from the 256-entry one) writing
+every float in its final place, in chunks of patches whose index scratch stays in cache.
 
 Coverage. ``Qwen2VLFastPath.for_processor`` takes a processor only when it is exactly
 ``Qwen2VLImageProcessorPil`` (a subclass may override any step) with ``do_convert_rgb``,
@@ -41,12 +45,10 @@ loaded "RGB" image without a ``transparency`` entry): on those ``convert_to_rgb`
 Images the processor refuses (aspect ratio above 200) raise the same ``ValueError``, from the same
 ``smart_resize``.
 
-Speed (``bench/preprocess_throughput.py``, one core, decode included): about 1.8x transformers at
-720p, 2.1x at 1080p, 5x at 12 MP at the presets' max_pixels (no resize there). The resize is the
-same PIL call in both, and with decode it is most of what remains (1080p: decode 18 ms + resize
-43 ms of 84 ms; transformers 204 ms): even free, everything else would leave about 3.2x at 1080p
-and 2.8x at 720p. The rest is the uint8 patch order (~5 ms at 1080p) and the gather (~20 ms, of
-which writing 50 MB of float32 is ~8 ms on that machine).
+Speed (``bench/preprocess_throughput.py``, one core, decode included, float32 at the preset's
+max_pixels): about 3.6x transformers at 720p and 4.7x at 1080p (1080p: decode ~18 ms, the compiled
+resize to 1932x1092 ~14 ms where PIL's takes ~55, patchify ~12 ms writing 48 MiB; transformers
+~208 ms). The numpy steps alone: about 1.8x and 2.1x, PIL's resize then being most of the time.
 
 transformers is imported inside ``for_processor`` only: importing this module stays light.
 """

@@ -19,12 +19,13 @@ Besides the resize, steps 1-2 copy the full-size image three times (convert, ``n
 transposing copy into a new PIL image): about 9 ms of the processor's 25 ms at 1080p. ``ClipFastPath``
 instead:
 
-* resize: the same ``Image.resize`` call on the decoded image itself, to the size transformers' own
-  ``get_resize_output_image_size`` gives (so the truncation is theirs); PIL's resampling is
-  fixed-point integer arithmetic on the same uint8 pixels, so the resized pixels are identical. An
-  image already at the target size is not copied (PIL would return a copy of it);
-* crop: the same slice, on the (h, w, 3) uint8 array of the resized image (no padding case: see
-  coverage);
+* resize and crop: to the size transformers' own ``get_resize_output_image_size`` gives (so the
+  truncation is theirs), PIL's fixed-point resampling on the same uint8 pixels, compiled bit for bit
+  (``preprocess.kernels``), and only the centre crop's window of it: each output pixel depends on
+  the source alone, so the window is that slice of the whole resize (1080p to 597x336, crop
+  336x336: 56% of the columns). Without the compiled loops: PIL's ``Image.resize`` call on the
+  decoded image itself, then the slice of its array. An image already at the target size is not
+  resized (PIL would return a copy of it); no padding case (see coverage);
 * rescale and normalize are elementwise per channel on uint8 inputs, so their float32 results form a
   3 x 256 table, computed once per processor by its own ``rescale`` and ``normalize``
   (``fastpath.value_table``); one gather per channel then writes each float once, in its final
@@ -47,24 +48,11 @@ Anything else raises ``NotCovered`` with the reason, and the caller runs transfo
 ``accepts`` takes only what ``processors.decode`` returns (a loaded "RGB" image without a
 ``transparency`` entry).
 
-Speed (one process, ``taskset -c 0``, OMP_NUM_THREADS=1, medians of 8 interleaved runs on one
-photo JPEG from ``bench.images.photo_jpeg``; "resize" is the PIL call alone):
-
-=========  =====  =======  ===================  ================  =====  =======
-preset     image  decode   decode+transformers  decode+fast path  ratio  resize
-=========  =====  =======  ===================  ================  =====  =======
-llava-1.5  720p   5.8 ms   19.0 ms              14.8 ms           1.29x  8.2 ms
-siglip     720p   5.7 ms   18.2 ms              13.8 ms           1.32x  7.2 ms
-llava-1.5  1080p  13.2 ms  37.8 ms              30.0 ms           1.26x  15.9 ms
-siglip     1080p  13.4 ms  38.0 ms              29.4 ms           1.29x  14.7 ms
-=========  =====  =======  ===================  ================  =====  =======
-
-Decode and the resize are the same calls in both and take ~97% of the fast path (the crop and the
-gather: under 1 ms), so this is at the bound for "same calls": decode + resize alone would be 1.30x
-at 1080p. Resizing only the crop's columns with PIL's ``box`` computes other filter coefficients, so
-it is not done. Running PIL's two passes as two calls, the vertical one on the crop's columns only,
-is exact on this Pillow (its horizontal pass writes an 8-bit intermediate) and would save ~2 ms at
-1080p, but it leans on Pillow's internal pass order: not done either.
+Speed (``bench/preprocess_throughput.py``, one core, decode included): about 2.7x transformers at
+720p and 2.9x at 1080p for llava-1.5, 2.6x for SigLIP; the JPEG decode, the same call in both, is
+three quarters of the fast path (1080p: decode ~15 ms, the windowed resize ~4 ms, crop and gather
+under 1 ms), so decode alone bounds it near 3.4-4.3x. With PIL's own resize (no compiled loops):
+about 1.3x, the resize then being most of it.
 
 transformers is imported inside ``for_processor`` only: importing this module stays light.
 """

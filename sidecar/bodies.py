@@ -20,12 +20,25 @@ before it is joined or parsed, since parsing it would hold the event loop for it
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 from aiohttp import web
 
 from .errors import Cause, SidecarError
+
+
+def _compiled_copy_count() -> Callable[[bytes, npt.NDArray[np.uint8] | None, int], tuple[int, int]] | None:
+    try:
+        from ._scan import copy_count  # noqa: PLC0415 - compiled (setup.py), optional
+    except ImportError:
+        return None  # the numpy path in _Structure.feed counts and copies the same
+    return copy_count
+
+
+_copy_count = _compiled_copy_count()
 
 
 @dataclass(slots=True)
@@ -114,12 +127,20 @@ class _Structure:
         self.objects = 0
         self.items = 0
 
-    def feed(self, chunk: bytes) -> None:
-        # numpy's vectorized compares: a quarter of bytes.count's time (~0.4 against ~1.6 ms a MiB).
-        a = np.frombuffer(chunk, np.uint8)
-        self.objects += int(np.count_nonzero(a == 0x7B))  # {
-        # Every array or member after the first needs a comma, every array a bracket (nesting bombs too).
-        self.items += int(np.count_nonzero(a == 0x2C)) + int(np.count_nonzero(a == 0x5B))  # , [
+    def feed(self, chunk: bytes, buf: npt.NDArray[np.uint8] | None = None, offset: int = 0) -> None:
+        """Count `chunk`'s structure and, given `buf`, copy it there at `offset` (one pass where compiled)."""
+        if _copy_count is not None:
+            objects, items = _copy_count(chunk, buf, offset)
+        else:
+            # numpy's vectorized compares: a quarter of bytes.count's time (~0.4 against ~1.6 ms a MiB).
+            a = np.frombuffer(chunk, np.uint8)
+            objects = int(np.count_nonzero(a == 0x7B))  # {
+            # Every array or member after the first needs a comma, every array a bracket (nesting bombs too).
+            items = int(np.count_nonzero(a == 0x2C)) + int(np.count_nonzero(a == 0x5B))  # , [
+            if buf is not None:
+                buf[offset : offset + len(a)] = a
+        self.objects += objects
+        self.items += items
         if self.objects > self.bounds.max_objects:
             raise SidecarError(
                 Cause.BODY_TOO_COMPLEX,
@@ -181,12 +202,12 @@ async def read_body(
                     raise SidecarError(
                         Cause.BODY_TOO_LARGE, f"request body is more than server.max_body_bytes={max_body_bytes} bytes"
                     )
-                if structure is not None:
-                    structure.feed(chunk)
                 charge.take(len(chunk))
-                if buf is not None:
+                if structure is not None:
+                    structure.feed(chunk, buf, received)  # counted and copied in one pass
+                elif buf is not None:
                     buf[received : received + len(chunk)] = np.frombuffer(chunk, np.uint8)
-                else:
+                if buf is None:
                     chunks.append(chunk)
                 received += len(chunk)
                 if received % _YIELD_EVERY < len(chunk):
