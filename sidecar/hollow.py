@@ -39,7 +39,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,9 +95,28 @@ def _numeric_only(a: np.ndarray) -> bool:
     return True
 
 
+def _compiled_find_runs() -> Callable[[Buffer, int], list[tuple[int, int]]] | None:
+    try:
+        from ._scan import find_runs as compiled  # noqa: PLC0415 - compiled (setup.py), optional
+    except ImportError:
+        return None  # find_runs_numpy finds the same runs
+    return compiled
+
+
+_find_runs = _compiled_find_runs()
+
+
 def find_runs(buf: Buffer, min_run: int = MIN_RUN) -> list[tuple[int, int]]:
     """The [start, end) of every maximal run of `min_run` or more base64 characters that could not
-    be a number, in order. Its numpy passes release the GIL: call it in a thread."""
+    be a number, in order. Call it in a thread: compiled (sidecar/_scan.c), one pass with the GIL
+    released; else `find_runs_numpy`."""
+    if _find_runs is not None:
+        return _find_runs(buf, min_run)
+    return find_runs_numpy(buf, min_run)
+
+
+def find_runs_numpy(buf: Buffer, min_run: int = MIN_RUN) -> list[tuple[int, int]]:
+    """`find_runs` in numpy: its passes release the GIL, the Python between them does not."""
     a = np.frombuffer(buf, np.uint8)
     window = max(1, min_run // 2)  # a run of min_run covers at least one whole aligned window
     limit = len(a) - len(a) % window

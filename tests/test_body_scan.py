@@ -1,8 +1,10 @@
-"""sidecar/_scan.c (via sidecar/bodies.py's _Structure): the one-pass count and copy of arriving body chunks.
+"""sidecar/_scan.c: the one-pass count and copy of arriving body chunks (sidecar/bodies.py's _Structure)
+and the one-pass search for long base64 runs (sidecar/hollow.py's find_runs).
 
-The compiled pass and the numpy fallback give the same counts and the same copied bytes on random
-chunks of every length around the 32-byte vector width, JSON-heavy or not; a chunk that would not
-fit its buffer is refused without writing. The limits' answers over HTTP are tests/test_trust_boundary.py's.
+The compiled passes and the numpy fallbacks give the same counts, copied bytes and runs on random
+inputs of every length around the 32-byte vector width, JSON-heavy or not; a chunk that would not fit
+its buffer is refused without writing. The limits' answers over HTTP are tests/test_trust_boundary.py's,
+hollow parsing's tests/test_hollow.py's.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sidecar import bodies
+from sidecar import bodies, hollow
 from sidecar.bodies import JsonBounds, _Structure
 from sidecar.errors import SidecarError
 
@@ -83,3 +85,34 @@ def test_a_chunk_that_does_not_fit_is_refused_without_writing() -> None:
     assert not buf.any()
     assert _scan.copy_count(b"{,[" * 13, buf, 1) == (13, 26)  # 39 bytes at 1: exactly the rest
     assert _scan.copy_count(b"{,[" * 20, None, 0) == (20, 40)
+
+
+@needs_scan
+def test_find_runs_compiled_equals_numpy_on_random_bodies() -> None:
+    """sidecar/_scan.c's find_runs against hollow.find_runs_numpy: base64 stretches, number-only
+    stretches, JSON punctuation and arbitrary bytes, every min_run from 1 up (the <= 32 and > 32
+    branches), lengths around the 32-byte block."""
+    rng = np.random.default_rng(15)
+    base64 = np.frombuffer(b"ABCxyz019+/=", np.uint8)
+    number = np.frombuffer(b"0123456789eE+", np.uint8)
+    punctuation = np.frombuffer(b'ABCxyz019+/=eE"{},: \\', np.uint8)
+    for trial in range(600):
+        n = int(rng.integers(0, 4000))
+        min_run = int(rng.integers(1, 70)) if trial % 2 else int(rng.integers(1, 300))
+        parts: list[bytes] = []
+        while sum(map(len, parts)) < n:
+            kind, length = int(rng.integers(0, 4)), int(rng.integers(0, 400))
+            if kind == 0:
+                parts.append(rng.choice(base64, length).tobytes())
+            elif kind == 1:
+                parts.append(rng.choice(number, length).tobytes())
+            elif kind == 2:
+                parts.append(rng.choice(punctuation, length % 5).tobytes())
+            else:
+                parts.append(rng.integers(0, 256, length % 7, dtype=np.uint8).tobytes())
+        body = b"".join(parts)[:n]
+        assert hollow.find_runs(body, min_run) == hollow.find_runs_numpy(body, min_run), (trial, n, min_run)
+    assert hollow.find_runs(b"A" * 64, 64) == [(0, 64)]  # a run reaching the end, n a multiple of 32
+    assert hollow.find_runs(b"1" * 64, 64) == []  # digits only: could be a number
+    with pytest.raises(ValueError, match="min_run 0"):
+        _scan.find_runs(b"A", 0)
