@@ -46,9 +46,9 @@ Images the processor refuses (aspect ratio above 200) raise the same ``ValueErro
 ``smart_resize``.
 
 Speed (``bench/preprocess_throughput.py``, one core, decode included, float32 at the preset's
-max_pixels): about 3.6x transformers at 720p and 4.7x at 1080p (1080p: decode ~18 ms, the compiled
-resize to 1932x1092 ~14 ms where PIL's takes ~55, patchify ~12 ms writing 48 MiB; transformers
-~208 ms). The numpy steps alone: about 1.8x and 2.1x, PIL's resize then being most of the time.
+max_pixels): about 3.5x transformers at 720p and 4.4x at 1080p (1080p: decode ~18 ms, the compiled
+resize to 1932x1092 ~13 ms where PIL's takes ~50, patchify ~13 ms writing 48 MiB; transformers
+~210 ms), 9x at 12 MP (no resize). The numpy steps alone: about 1.8x and 2.1x, PIL's resize then being most of the time.
 
 transformers is imported inside ``for_processor`` only: importing this module stays light.
 """
@@ -85,17 +85,8 @@ CHANNELS: Final[int] = 3
 # Patches per gather call: the intp index scratch is CHUNK * 3 * T * P * P / 2 * 8 bytes (225 KiB for
 # Qwen2-VL's 14-pixel patches), so it stays in L2 between its two passes (widen, then gather).
 CHUNK: Final[int] = 48
-_FILTERS: Final[frozenset[int]] = frozenset(
-    int(f)
-    for f in (
-        Image.Resampling.NEAREST,
-        Image.Resampling.BOX,
-        Image.Resampling.BILINEAR,
-        Image.Resampling.HAMMING,
-        Image.Resampling.BICUBIC,
-        Image.Resampling.LANCZOS,
-    )
-)
+# PIL's resampling filters: the convolutions the kernels run, and NEAREST, which PIL itself runs.
+_FILTERS: Final[frozenset[int]] = kernels.FILTERS | {int(Image.Resampling.NEAREST)}
 _SELF_CHECK_ODD_SIZE: Final[tuple[int, int]] = (97, 61)  # (width, height): not multiples of any factor
 
 

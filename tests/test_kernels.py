@@ -188,3 +188,15 @@ def test_bad_arguments_are_refused_without_writing() -> None:
         with pytest.raises(ValueError, match=message):
             _kernels.patchify(*args)
     assert (out == 5).all()
+
+
+def test_a_nearest_processor_resizes_with_pil_then_patchifies_compiled() -> None:
+    """NEAREST is no convolution: PIL resizes, the compiled patchify reads PIL's result in place."""
+    processor = load_processor(resolve_processor("qwen2-vl"))
+    processor.resample = int(Image.Resampling.NEAREST)
+    compiled = Qwen2VLFastPath.for_processor(processor)
+    numpy_steps = Qwen2VLFastPath.for_processor(processor, use_kernel=False)
+    assert compiled.kernel is not None
+    for image in (jpeg(113, 67), jpeg(480, 270)):
+        got, want = compiled.run(image), numpy_steps.run(image)
+        assert np.array_equal(got["pixel_values"], want["pixel_values"])
