@@ -48,7 +48,8 @@ Images the processor refuses (aspect ratio above 200) raise the same ``ValueErro
 Speed (``bench/preprocess_throughput.py``, one core, decode included, float32 at the preset's
 max_pixels): about 3.5x transformers at 720p and 4.4x at 1080p (1080p: decode ~18 ms, the compiled
 resize to 1932x1092 ~13 ms where PIL's takes ~50, patchify ~13 ms writing 48 MiB; transformers
-~210 ms), 9x at 12 MP (no resize). The numpy steps alone: about 1.8x and 2.1x, PIL's resize then being most of the time.
+~210 ms), 9x at 12 MP (no resize). The numpy steps alone: about 1.8x and 2.1x, PIL's resize then
+being most of the time.
 
 transformers is imported inside ``for_processor`` only: importing this module stays light.
 """

@@ -49,10 +49,10 @@ Anything else raises ``NotCovered`` with the reason, and the caller runs transfo
 ``transparency`` entry).
 
 Speed (``bench/preprocess_throughput.py``, one core, decode included): about 2.9x transformers at
-720p and 3.0x at 1080p for llava-1.5, 2.3x and 2.6x for SigLIP; the JPEG decode, the same call in both, is
-three quarters of the fast path (1080p: decode ~15 ms, the windowed resize ~4 ms, crop and gather
-under 1 ms), so decode alone bounds it near 3.4-4.3x. With PIL's own resize (no compiled loops):
-about 1.3x, the resize then being most of it.
+720p and 3.0x at 1080p for llava-1.5, 2.3x and 2.6x for SigLIP. The JPEG decode, the same call in
+both, is three quarters of the fast path (1080p: decode ~17 ms, the windowed resize ~3.5 ms, crop
+and gather under 1 ms), so decode alone bounds it near 3.7-4.2x. With PIL's own resize (no compiled
+loops): about 1.3-1.6x, the resize then being most of it.
 
 transformers is imported inside ``for_processor`` only: importing this module stays light.
 """

@@ -202,11 +202,12 @@ async def read_body(
                     raise SidecarError(
                         Cause.BODY_TOO_LARGE, f"request body is more than server.max_body_bytes={max_body_bytes} bytes"
                     )
-                charge.take(len(chunk))
                 if structure is not None:
-                    structure.feed(chunk, buf, received)  # counted and copied in one pass
+                    # counted and copied in one pass (a structure bomb is refused before its charge)
+                    structure.feed(chunk, buf, received)
                 elif buf is not None:
                     buf[received : received + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                charge.take(len(chunk))
                 if buf is None:
                     chunks.append(chunk)
                 received += len(chunk)
