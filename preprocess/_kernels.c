@@ -292,8 +292,8 @@ horizontal_avx2(const uint8_t *src, Py_ssize_t src_stride, int first, int rows, 
                 Py_ssize_t dst_stride, int in_w, int out_w, const coeffs *c, int16_t *split) {
     const int ksize = c->ksize, steps_max = (ksize + 3) / 4;
     /* split: per pixel, per step, 16 int16 of kl then 16 of kh, zero past the pixel's count;
-     * then one step count per pair */
-    int16_t *steps = split + (size_t)out_w * steps_max * 32;
+     * then one step count (int32) per pair */
+    int32_t *steps = (int32_t *)(split + (size_t)out_w * steps_max * 32); /* 4-byte aligned: 32 int16 a row */
     memset(split, 0, (size_t)out_w * steps_max * 32 * sizeof(int16_t));
     for (int xx = 0; xx < out_w; xx++) {
         int count = c->bounds[xx * 2 + 1];
@@ -314,7 +314,7 @@ horizontal_avx2(const uint8_t *src, Py_ssize_t src_stride, int first, int rows, 
         if (c->bounds[a * 2] + 4 * n > in_w || c->bounds[b * 2] + 4 * n > in_w) {
             break;
         }
-        steps[pairs] = (int16_t)n;
+        steps[pairs] = n;
     }
     /* lane 0: taps 0, 1 of channels 0..3 as 16-bit pairs; lane 1: taps 2, 3 (bytes 8..15) */
     const __m256i spread = _mm256_setr_epi8(0, -1, 4, -1, 1, -1, 5, -1, 2, -1, 6, -1, 3, -1, 7, -1, 8, -1, 12, -1, 9,
@@ -577,7 +577,7 @@ resample(PyObject *self, PyObject *args) {
         temp = malloc(horizontal_first ? (size_t)(last - first) * ow * 4 : (size_t)oh * src_w * 4);
     }
     /* horizontal_avx2's split coefficients (32 int16 per pixel and step) and step counts */
-    split = malloc(((size_t)ow * ((horiz.ksize + 3) / 4) * 32 + ow / 2 + 1) * sizeof(int16_t));
+    split = malloc((size_t)ow * ((horiz.ksize + 3) / 4) * 32 * sizeof(int16_t) + ((size_t)ow / 2 + 1) * sizeof(int32_t));
     if ((need_h && need_v && !temp) || !split) {
         PyErr_NoMemory();
         goto done;

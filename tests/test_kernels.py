@@ -60,10 +60,12 @@ def simd(request: pytest.FixtureRequest) -> Iterator[bool]:
 
 
 def sizes(seed: int, count: int) -> list[tuple[int, int, int, int]]:
-    """(source w, h, target w, h): random, plus the edges (1 pixel, equal sides, 4x down, 1.006x up)."""
+    """(source w, h, target w, h): random, plus the edges (1 pixel, equal sides, 4x down, 1.006x up,
+    a ~3000x downscale)."""
     rng = np.random.default_rng(seed)
     out = [(1, 1, 7, 5), (7, 5, 1, 1), (64, 64, 64, 17), (64, 64, 17, 64), (1920 // 8, 1080 // 8, 1932 // 8, 1092 // 8)]
     out += [(400, 300, 100, 75), (300, 400, 299, 101), (101, 300, 300, 100), (3, 200, 200, 3)]
+    out += [(20000, 3, 7, 3), (3, 20000, 3, 5)]  # thousands of taps per output pixel
     out += [tuple(int(v) for v in rng.integers(1, 260, 4)) for _ in range(count)]  # type: ignore[misc]
     return out  # type: ignore[return-value]
 
