@@ -883,7 +883,9 @@ def check_repository_layout(steps: list[tuple[str, str]]) -> None:
     for package in ("sidecar", "preprocess", "engine", "mm_sidecar"):
         assert (workdir / package).resolve() in copied
     project_install(pip_installs(steps))
-    assert ["pyproject.toml", "README.md", "./"] in copies, "pip install needs pyproject.toml and its readme"
+    assert ["pyproject.toml", "setup.py", "README.md", "./"] in copies, (
+        "pip install needs pyproject.toml, its readme and setup.py (the compiled modules)"
+    )
 
 
 def dockerignore_patterns(name: str) -> list[str]:
