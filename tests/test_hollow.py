@@ -163,29 +163,39 @@ def test_find_runs_finds_each_maximal_run() -> None:
 
 async def test_parsing_a_big_body_does_not_hold_the_loop_as_orjson_does() -> None:
     body = memoryview(orjson.dumps({"u": "data:image/png;base64," + b64(18 << 20)}))  # 24 MiB
-    worst = 0.0
-    stop = False
 
-    async def ticker() -> None:
-        nonlocal worst
-        while not stop:
-            before = time.perf_counter()
-            await asyncio.sleep(0.001)
-            worst = max(worst, time.perf_counter() - before - 0.001)
+    async def worst_stall() -> float:
+        worst = 0.0
+        stop = False
 
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0.02)
-    worst = 0.0
-    for _ in range(3):
-        parsed = await parse_body(body, 8 << 20)
-        parsed.texts.encode(parsed.data)
-    stop = True
-    await task
-    started = time.perf_counter()
-    orjson.loads(body)  # what the loop paid per body before
-    whole = time.perf_counter() - started
+        async def ticker() -> None:
+            nonlocal worst
+            while not stop:
+                before = time.perf_counter()
+                await asyncio.sleep(0.001)
+                worst = max(worst, time.perf_counter() - before - 0.001)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.02)
+        worst = 0.0
+        for _ in range(3):
+            parsed = await parse_body(body, 8 << 20)
+            parsed.texts.encode(parsed.data)
+        stop = True
+        await task
+        return worst
+
     # Ratios measured in one run (timings are noisy here): the hollow path's worst stall is a small
-    # part of one whole parse (measured: ~1.6 ms against ~35 ms).
+    # part of one whole parse (measured: ~1-4 ms against ~35 ms). Up to three tries: a stall the
+    # code causes shows in every one, while this shared VM now and then takes the CPU away for
+    # 20-30 ms (hypervisor steal), which failed one try in ten or so.
+    for _ in range(3):
+        worst = await worst_stall()
+        started = time.perf_counter()
+        orjson.loads(body)  # what the loop paid per body before
+        whole = time.perf_counter() - started
+        if worst < whole / 3:
+            break
     assert worst < whole / 3, (worst, whole)
 
 
