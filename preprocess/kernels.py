@@ -103,10 +103,6 @@ class Kernel:
         )
         return out
 
-    def rgbx(self, image: Image.Image) -> npt.NDArray[np.uint8]:
-        """The image's pixels as (height, width, 4) uint8, as ``resize`` returns them (a copy)."""
-        return np.frombuffer(image.tobytes("raw", "RGBX"), np.uint8).reshape(image.height, image.width, 4)
-
     def patchify(
         self,
         pixels: object,
