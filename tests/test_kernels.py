@@ -202,3 +202,15 @@ def test_a_nearest_processor_resizes_with_pil_then_patchifies_compiled() -> None
     for image in (jpeg(113, 67), jpeg(480, 270)):
         got, want = compiled.run(image), numpy_steps.run(image)
         assert np.array_equal(got["pixel_values"], want["pixel_values"])
+
+
+def test_without_avx2_pil_resizes_with_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scalar build (no AVX2) leaves the resize to PIL, which is faster there; same bits, windows too."""
+    assert KERNEL is not None
+    monkeypatch.setattr(KERNEL, "simd", "scalar")
+    image = jpeg(300, 200)
+    expected = np.asarray(image.resize((211, 97), Image.Resampling.BICUBIC, reducing_gap=None))
+    whole = KERNEL.resize(image, 211, 97, Image.Resampling.BICUBIC)
+    part = KERNEL.resize(image, 211, 97, Image.Resampling.BICUBIC, (10, 5, 150, 90))
+    assert whole.shape == (97, 211, 4) and np.array_equal(whole[..., :3], expected)
+    assert part.shape == (85, 140, 4) and np.array_equal(part[..., :3], expected[5:90, 10:150])
