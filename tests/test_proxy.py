@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar import bodies
 from sidecar.app import create_app
-from sidecar.app_keys import POOL, STATE, UPSTREAM
+from sidecar.app_keys import BODIES, POOL, STATE, UPSTREAM
 from sidecar.echo import EchoEngine
 
 from .conftest import StackFactory, assert_invariant, chat_body, make_config, messages_body
@@ -555,3 +556,56 @@ async def test_a_compressed_body_inflating_past_max_body_bytes_is_413(
         assert resp.headers["Content-Type"] == "application/json"
         assert await resp.json() == expected, path
     assert engine.seen == [] and engine.stats.requests == 0
+
+
+async def _chunked(raw: bytes, piece: int) -> Any:
+    for lo in range(0, len(raw), piece):
+        yield raw[lo : lo + piece]
+        await asyncio.sleep(0)  # pieces on the wire one by one, not one write
+
+
+async def test_chunked_uploads_reach_the_engine_byte_for_byte_and_stop_at_max_body_bytes(stack: StackFactory) -> None:
+    # No Content-Length: the buffer spans max_body_bytes of address space and the chunks are copied
+    # in as they come. The bytes the engine gets are the client's, and one byte over the cap is 413.
+    engine = RawEngine()
+    s = await stack(engine, server={"max_body_bytes": 600_000})
+    raw = orjson.dumps({"model": "echo", "prompt": "y" * 500_000})
+    resp = await s.client.post("/tokenize", data=_chunked(raw, 7_001), headers={"Content-Type": "application/json"})
+    assert resp.status == 200 and await resp.json() == {"count": 500_000}
+    received, got = engine.seen[-1]
+    assert "Transfer-Encoding" not in received and received["Content-Length"] == str(len(raw))
+    assert got == raw
+    text = orjson.dumps(chat_body(image=False, text="z" * 400_000))
+    resp = await s.client.post(
+        "/v1/chat/completions", data=_chunked(text, 65_536), headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 200, await resp.text()
+    assert engine.seen[-1][1] == text
+    over = orjson.dumps({"model": "echo", "prompt": "y" * 600_000})
+    resp = await s.client.post("/tokenize", data=_chunked(over, 50_000), headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert (await resp.json())["error"]["message"] == "request body is more than server.max_body_bytes=600000 bytes"
+    assert len(engine.seen) == 2 and s.app[BODIES].held == 0
+
+
+async def test_a_body_buffer_the_kernel_refuses_is_503_and_charges_nothing(
+    stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under strict overcommit an upload without Content-Length may be refused its max_body_bytes
+    # of address space: the client is told to retry, as for a full budget, and nothing is held.
+    engine = RawEngine()
+    s = await stack(engine, server={"max_body_bytes": 600_000})
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(bodies.mmap, "mmap", refused)
+    raw = orjson.dumps({"model": "echo", "prompt": "y" * 100_000})
+    resp = await s.client.post("/tokenize", data=_chunked(raw, 7_001), headers={"Content-Type": "application/json"})
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    error = (await resp.json())["error"]
+    assert (error["code"], error["message"]) == (
+        "body_memory_full",
+        "no memory for a request body of up to 600000 bytes; retry later",
+    )
+    assert engine.seen == [] and s.app[BODIES].held == 0
