@@ -34,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import itertools
 import math
 import multiprocessing
 import os
@@ -49,7 +50,7 @@ from typing import Any
 
 import orjson
 
-from . import services
+from . import loop_trace, services
 from .client import Outcome, chat_body, post
 from .common import MiB
 from .cpu import CpuLoad, Placement
@@ -299,6 +300,7 @@ class Result:
     gc_pauses: dict[float, float] = field(default_factory=dict)  # le -> collections, all generations
     # split: shares of the sidecar's CPU it used / others used / the hypervisor took (steal)
     sidecar_cpu: tuple[float, float, float] | None = None
+    slow_turns: dict[str, Any] | None = None  # --trace-loop: bench.loop_trace.summarize over the variant
 
 
 Histograms = tuple[dict[float, float], ...]
@@ -336,7 +338,7 @@ async def _text_phase(
     *,
     go: Callable[[], None],
     snapshot: Callable[[], tuple[int, int, int]],
-) -> tuple[list[Outcome], float, Histograms, tuple[int, ...]]:
+) -> tuple[list[Outcome], tuple[float, float], Histograms, tuple[int, ...]]:
     import aiohttp  # noqa: PLC0415
 
     body = chat_body(text="Say hello.")
@@ -354,7 +356,7 @@ async def _text_phase(
                 break
             tasks.append(asyncio.create_task(post(session, url + _CHAT, body)))
             await asyncio.sleep(max(0.0, started + (i + 1) * interval_s - time.monotonic()))
-        wall = time.monotonic() - started
+        ended = time.monotonic()
         snap1 = snapshot()
         after = await _scrape(session, url + "/metrics")
         outcomes = list(await asyncio.gather(*tasks))
@@ -363,13 +365,16 @@ async def _text_phase(
         return {le: n - before.get(le, 0.0) for le, n in after.items()}
 
     histograms = tuple(diff(a, b) for a, b in zip(after, before, strict=True))
-    return outcomes, wall, histograms, tuple(one - zero for one, zero in zip(snap1, snap0, strict=True))
+    deltas = tuple(one - zero for one, zero in zip(snap1, snap0, strict=True))
+    return outcomes, (started, ended), histograms, deltas
 
 
 def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: Placement | None) -> Result:
     config = {"upstream": {"url": upstream, "mode": "passthrough"}}
     kinds = "" if variant == "alone" else KINDS if variant == "mix" else variant
-    with services.sidecar(config, logs, cpus=None if placement is None else placement.sidecar) as side:
+    trace = logs / f"loop-trace-{variant}-{next(_traces)}.jsonl" if args.trace_loop else None
+    cpus = None if placement is None else placement.sidecar
+    with services.sidecar(config, logs, cpus=cpus, trace_loop=trace) as side:
         port = int(side.url.rsplit(":", 1)[1])
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
@@ -394,7 +399,7 @@ def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: P
                     raise RuntimeError("the hostile client did not build its bodies in 600 s")
                 _, result.sizes = parent.recv()
             cpus = placement.sidecar if placement is not None else frozenset(os.sched_getaffinity(0))
-            text, wall, (lag, wait, pauses), (busy, own, steal) = asyncio.run(
+            text, (started, ended), (lag, wait, pauses), (busy, own, steal) = asyncio.run(
                 _text_phase(
                     side.url,
                     args.seconds,
@@ -404,6 +409,7 @@ def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: P
                     snapshot=lambda: _cpu_jiffies(cpus, side.pid),
                 )
             )
+            wall = ended - started
             result.text, result.wall_s, result.lag, result.cpu_wait = text, wall, lag, wait
             result.gc_pauses = pauses
             if placement is not None and wall > 0:
@@ -419,7 +425,12 @@ def run_variant(variant: str, upstream: str, logs: Path, args: Any, placement: P
                 if proc.is_alive():
                     proc.kill()
                     proc.join(10)
+    if trace is not None:  # written as the sidecar exited
+        result.slow_turns = loop_trace.summarize(trace, started, ended)
     return result
+
+
+_traces = itertools.count(1)
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -491,6 +502,9 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
         if r.slowloris:
             answer_rows.append([r.variant, "e: slowloris header trickles", "-", _counts(r.slowloris)])
     text = markdown_table(headers, rows)
+    if any(r.slow_turns is not None for r in results):
+        text += "\n\nSlow loop turns (`--trace-loop`: bench/loop_trace.py, turns over 2 ms):\n\n"
+        text += _slow_turns_table(results)
     if answer_rows:
         text += "\n\nHow the hostile requests were answered:\n\n"
         text += markdown_table(["variant", "hostile request", "body", "answers"], answer_rows)
@@ -514,6 +528,23 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
         "minimal upstream; p50/p99 of those answered 200",
     ]
     return text, notes
+
+
+_CAUSES = ("on CPU", "off CPU", "late wake-up, CPU wait", "late wake-up, other")
+
+
+def _slow_turns_table(results: Sequence[Result]) -> str:
+    rows = []
+    for r in results:
+        if r.slow_turns is None:
+            continue
+        groups = r.slow_turns["groups"]
+        cells = [f"{groups[c][0]}, max {groups[c][1]:.1f} ms" if c in groups else "0" for c in _CAUSES]
+        top = "; ".join(f"{n} x {what}" for what, n in r.slow_turns["on_cpu_top"]) or "-"
+        rows.append([r.variant, str(r.slow_turns["turns"]), *cells, top])
+    headers = ["variant", "turns > 2 ms", "callback on CPU", "callback off CPU"]
+    headers += ["select late: CPU wait", "select late: other", "commonest on-CPU turns"]
+    return markdown_table(headers, rows)
 
 
 def plot(results: Sequence[Result], path: Path, enabled: bool) -> Path | None:
@@ -549,6 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trickle-ms", type=float, default=200.0, help="one header byte every (default 200)")
     parser.add_argument("--placement", choices=("split", "shared"), default="split", help="CPUs (default split)")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="longest wait for one answer (default 120)")
+    parser.add_argument(
+        "--trace-loop", action="store_true", help="record the sidecar's slow loop turns and why (bench/loop_trace.py)"
+    )
     parser.add_argument("--upstream-port", type=int, default=None, help=argparse.SUPPRESS)  # the upstream's own
     args = parser.parse_args(argv)
     if args.upstream_port is not None:

@@ -366,10 +366,12 @@ def sidecar(
     uvloop: bool = False,
     start_timeout_s: float = 180,
     cpus: frozenset[int] | None = None,
+    trace_loop: Path | None = None,
 ) -> Iterator[Service]:
     """`mm-sidecar serve` with `config` (ports and segment name filled in), ready (/readyz 200) on entry.
 
-    `uvloop=True` runs the unchanged sidecar on uvloop's event loop (bench/uvloop_serve.py).
+    `uvloop=True` runs the unchanged sidecar on uvloop's event loop (bench/uvloop_serve.py);
+    `trace_loop` records its slow loop turns there, written as it exits (bench/loop_trace.py).
     """
     instance = f"bench{os.getpid()}x{next(_instances)}"
     port = free_port()
@@ -378,8 +380,12 @@ def sidecar(
     merged.setdefault("shm", {})["name"] = instance
     path = log_dir / f"sidecar-{instance}.yaml"
     path.write_text(yaml.safe_dump(merged, sort_keys=False))
-    module = "bench.uvloop_serve" if uvloop else "sidecar.cli"
-    argv = [_python(), "-m", module, "--log-level", "WARNING", "serve", "--config", str(path)]
+    module = ["bench.uvloop_serve"] if uvloop else ["sidecar.cli"]
+    if trace_loop is not None:
+        if uvloop:
+            raise ValueError("trace_loop traces asyncio's own loop, not uvloop's")
+        module = ["bench.loop_trace", str(trace_loop)]
+    argv = [_python(), "-m", *module, "--log-level", "WARNING", "serve", "--config", str(path)]
     service = start_service(f"sidecar-{port}", argv, f"http://127.0.0.1:{port}", log_dir, cpus=cpus)
     try:
         wait_http(service, "/readyz", start_timeout_s)

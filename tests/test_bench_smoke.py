@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bench import loop_trace
 from bench.gate_table import ALL_ROWS, Row, pixel_bytes, sidecar_config
 from bench.gate_table_vllm import VllmRow
 from preprocess.cost import output_nbytes
@@ -287,11 +288,54 @@ def test_hostile_mix(tmp_path: Path) -> None:
         "2",
         "--trickle-ms",
         "50",
+        "--trace-loop",
         timeout_s=120,
     )
     assert "| alone |" in text and "| mix |" in text and "loop lag p99" in text
+    traced = text.split("Slow loop turns", 1)[1].split("How the hostile requests", 1)[0]
+    assert re.search(r"^\| alone \| \d+ \|", traced, re.M) and re.search(r"^\| mix \| \d+ \|", traced, re.M), traced
     mix = next(line for line in text.splitlines() if line.startswith("| mix |"))
     assert mix.split(" | ")[1].split("/")[0] != "0", mix  # text requests were answered during the mix
     for kind in ("a: ", "b: ", "c: ", "d: ", "e: slowloris"):
         assert f"| mix | {kind}" in text, kind  # each hostile kind was sent and its answers counted
     assert "target: loop lag p99 <= 5 ms with the hostile mix" in text
+
+
+_TRACED = """
+import asyncio, sys, time
+from pathlib import Path
+from bench.loop_trace import install
+
+install(Path(sys.argv[1]))
+
+def busy() -> None:
+    end = time.thread_time() + 0.02
+    while time.thread_time() < end:
+        pass
+
+async def main() -> None:
+    loop = asyncio.get_running_loop()
+    print(time.monotonic(), flush=True)
+    loop.call_soon(busy)
+    loop.call_soon(time.sleep, 0.02)
+    await asyncio.sleep(0.05)
+    print(time.monotonic(), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_the_loop_tracer_tells_code_on_the_cpu_from_a_thread_off_it(tmp_path: Path) -> None:
+    # bench/loop_trace.py, as `hostile_mix --trace-loop` uses it: a callback that computes for 20 ms
+    # is "on CPU", one that sleeps 20 ms "off CPU" (as a loop waiting for the GIL or a page is).
+    out = tmp_path / "trace.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", _TRACED, str(out)], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    )
+    start, end = (float(x) for x in done.stdout.split())
+    summary = loop_trace.summarize(out, start, end)
+    assert summary["groups"].keys() == {"on CPU", "off CPU"}, summary
+    assert summary["groups"]["on CPU"][0] == 1 and summary["groups"]["off CPU"][0] == 1
+    assert 19 <= summary["groups"]["on CPU"][1] < 200 and 19 <= summary["groups"]["off CPU"][1] < 200
+    assert [what for what, _ in summary["on_cpu_top"]] == ["<function busy>"]
+    assert loop_trace.summarize(out, end + 1, end + 2)["turns"] == 0  # outside the window: not counted
