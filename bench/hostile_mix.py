@@ -161,18 +161,19 @@ async def _send_hostile(
     answers: dict[str, Counter[str]] = {b.label: Counter() for b in bodies}
     turn = iter(range(max_requests))
 
-    async def sender(session: aiohttp.ClientSession, offset: int) -> None:
-        for i in turn:  # shared: max_requests in all
+    async def sender(session: aiohttp.ClientSession) -> None:
+        for i in turn:  # shared: max_requests in all, and the bodies in turn whichever sender is free
             if time.monotonic() >= deadline:
                 return
-            body = bodies[(i + offset) % len(bodies)]
+            # Not (i + sender's offset): two senders alternating over two bodies then sent only one.
+            body = bodies[i % len(bodies)]
             answers[body.label][_answer(await post(session, url + _CHAT, body.data))] += 1
 
     if not bodies:
         return answers
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-        await asyncio.gather(*(sender(session, k) for k in range(concurrency)))
+        await asyncio.gather(*(sender(session) for _ in range(concurrency)))
     return answers
 
 

@@ -298,6 +298,8 @@ def test_hostile_mix(tmp_path: Path) -> None:
     assert mix.split(" | ")[1].split("/")[0] != "0", mix  # text requests were answered during the mix
     for kind in ("a: ", "b: ", "c: ", "d: ", "e: slowloris"):
         assert f"| mix | {kind}" in text, kind  # each hostile kind was sent and its answers counted
+    answered = [line for line in text.splitlines() if line.startswith("| mix | ") and " MiB | " in line]
+    assert len(answered) == 7 and not [line for line in answered if line.endswith("| none |")], answered
     assert "target: loop lag p99 <= 5 ms with the hostile mix" in text
 
 
