@@ -54,7 +54,7 @@ from aiohttp import web
 
 from preprocess.processors import decode, load_processor, run_processor
 from preprocess.procmem import tree_memory
-from preprocess.protocol import DESCRIPTOR_ERROR, DescriptorError, TensorDescriptor, shm_token
+from preprocess.protocol import DESCRIPTOR_ERROR, DescriptorError, TensorDescriptor, check_normalize, shm_token
 
 from .model import ImageNormalization, VLModel
 from .ranks import Broadcast, Copy, Drop, Generate, Generated, HandoffError, Rank, Stop
@@ -126,51 +126,20 @@ async def _model(app: web.Application, command: Any, tensors: Any = None) -> Any
 def _check_normalize(
     part: dict[str, Any], descriptors: dict[str, TensorDescriptor], own: ImageNormalization | None, where: str
 ) -> None:
-    """A part's `normalize` against its pixel_values' dtype and this model's normalisation (`own`).
-
-    uint8 pixel_values need one, equal to `own` exactly; any other dtype must come without one (JSON
-    null is absent). `normalize` is not covered by the descriptors' MAC, and need not be: it is never
-    trusted, only compared with the model's own configuration, and the model normalises with its own.
-    """
+    """A part's `normalize` against its pixel_values' dtype and this model's normalisation (`own`):
+    `protocol.check_normalize`, answered as a 400 naming the field."""
     field = f"{where}.normalize"
-    given = part.get("normalize")
     pixels = descriptors.get("pixel_values")
-    dtype = None if pixels is None else pixels.dtype
-    if dtype != "uint8":
-        if given is not None:
-            what = "no pixel_values" if dtype is None else f"{dtype} pixel_values"
-            raise _BadField(
-                field, f"{field}: only uint8 pixel_values carry a normalisation; this part has {what}, used as they are"
-            )
-        return
-    if own is None:
-        raise _BadField(
-            field,
-            f"{field}: this model's image processor does not rescale and normalise: it takes no uint8 pixel_values",
-        )
-    if given is None:
-        raise _BadField(
-            field,
-            f"{field}: uint8 pixel_values need the normalisation they were made for "
-            f"(rescale_factor, image_mean, image_std); this model's is {orjson.dumps(own.to_json()).decode()}",
-        )
     try:
-        theirs = ImageNormalization.from_json(given, field)
+        check_normalize(
+            part.get("normalize"),
+            None if pixels is None else pixels.dtype,
+            own,
+            field,
+            "this model's image processor does not rescale and normalise",
+        )
     except ValueError as exc:
         raise _BadField(field, str(exc)) from None
-    if theirs != own:
-        for name in ("image_mean", "image_std"):
-            if len(getattr(theirs, name)) != len(getattr(own, name)):
-                raise _BadField(
-                    field,
-                    f"{field}.{name}: has {len(getattr(theirs, name))} values, this model's image processor "
-                    f"has {len(getattr(own, name))} (one per channel)",
-                )
-        raise _BadField(
-            field,
-            f"{field}: {orjson.dumps(theirs.to_json()).decode()} does not match this model's image processor "
-            f"({orjson.dumps(own.to_json()).decode()}): the sidecar's preprocess.processor must be the served model's",
-        )
 
 
 def _split_images(

@@ -288,30 +288,15 @@ def expectations(model_config: Any) -> dict[str, Any]:
 
 
 def check_normalize(part: dict[str, Any], dtype: str, expect: dict[str, Any]) -> None:
-    """A uint8 part's `normalize` must be the normalisation vLLM applies on the device (ValueError: a
-    400 naming the difference); a float32 part must not carry one (its pixels are normalised already)."""
-    given = part.get("normalize")
-    if dtype != "uint8":
-        if given is not None:
-            raise ValueError("image_tensors.normalize: only uint8 pixel_values carry a normalisation")
-        return
-    if not isinstance(given, dict):
-        raise ValueError(
-            "image_tensors.normalize: uint8 pixel_values need their normalisation (rescale_factor, "
-            "image_mean, image_std)"
-        )
-    ours = expect.get("normalize")
-    if ours is None:  # a float32 model: the dtype check in copy_out refuses the part with its own message
-        return
+    """A uint8 part's `normalize` must be the normalisation vLLM applies on the device, a float32
+    part must carry none (`protocol.check_normalize`; ValueError: a 400 naming the difference)."""
     from preprocess.protocol import ImageNormalization  # noqa: PLC0415
+    from preprocess.protocol import check_normalize as check  # noqa: PLC0415
 
-    theirs = ImageNormalization.from_json(given, "image_tensors.normalize")  # ValueError names the field
-    # Exact, float for float, as the reference engine compares: both sides read the same JSON config.
-    if theirs != ImageNormalization.from_json(ours, "vLLM's normalisation"):
-        raise ValueError(
-            f"image_tensors.normalize: {theirs.to_json()} is not this model's normalisation {ours}: the "
-            "sidecar's preprocess.processor must be the served model's"
-        )
+    ours = expect.get("normalize")
+    own = None if ours is None else ImageNormalization.from_json(ours, "vLLM's normalisation")
+    why = "this vLLM does not normalise on the device (mm_device_do_normalize is off)"
+    check(part.get("normalize"), dtype, own, "image_tensors.normalize", why)
 
 
 def _refused(exc: Any) -> Any:

@@ -103,6 +103,7 @@ Lifetime rules:
 from __future__ import annotations
 
 import hmac
+import json
 import math
 import mmap
 import os
@@ -141,6 +142,7 @@ __all__ = [
     "SegmentHeader",
     "StaleDescriptor",
     "TensorDescriptor",
+    "check_normalize",
     "check_segment_name",
     "descriptor_mac",
     "segment_layout",
@@ -819,3 +821,46 @@ class ImageNormalization:
         std = np.array(self.image_std, dtype=np.float32)
         out: np.ndarray[Any, np.dtype[np.float32]] = (rescaled[None, :] - mean[:, None]) / std[:, None]
         return out
+
+
+def check_normalize(given: Any, dtype: str | None, own: ImageNormalization | None, field: str, no_uint8: str) -> None:
+    """A tensor part's `normalize` (`given`, JSON null is absent) against its pixel_values' dtype and
+    the normalisation the engine applies (`own`; None: it takes no uint8 pixel_values, for the reason
+    `no_uint8` gives). ValueError naming `field` and what differs; the engine answers it as a 400.
+
+    uint8 pixel_values need one, equal to `own` exactly, float for float (both sides read the same
+    JSON config); any other dtype must come without one. `normalize` is not covered by the
+    descriptors' MAC, and need not be: it is never trusted, only compared with the engine's own
+    configuration, and the engine normalises with its own.
+    """
+    if dtype != "uint8":
+        if given is not None:
+            what = "no pixel_values" if dtype is None else f"{dtype} pixel_values"
+            raise ValueError(
+                f"{field}: only uint8 pixel_values carry a normalisation; this part has {what}, used as they are"
+            )
+        return
+    if own is None:
+        raise ValueError(f"{field}: {no_uint8}: it takes no uint8 pixel_values")
+    if given is None:
+        raise ValueError(
+            f"{field}: uint8 pixel_values need the normalisation they were made for "
+            f"(rescale_factor, image_mean, image_std); this model's is {_json(own.to_json())}"
+        )
+    theirs = ImageNormalization.from_json(given, field)
+    if theirs == own:
+        return
+    for name in ("image_mean", "image_std"):
+        if len(getattr(theirs, name)) != len(getattr(own, name)):
+            raise ValueError(
+                f"{field}.{name}: has {len(getattr(theirs, name))} values, this model's image processor "
+                f"has {len(getattr(own, name))} (one per channel)"
+            )
+    raise ValueError(
+        f"{field}: {_json(theirs.to_json())} does not match this model's image processor "
+        f"({_json(own.to_json())}): the sidecar's preprocess.processor must be the served model's"
+    )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))

@@ -33,8 +33,10 @@ from preprocess.protocol import (
     VERSION,
     ArenaReader,
     DescriptorError,
+    ImageNormalization,
     StaleDescriptor,
     TensorDescriptor,
+    check_normalize,
     descriptor_mac,
 )
 
@@ -398,3 +400,61 @@ def test_a_reader_in_another_process_takes_the_key_from_the_segment(arena: Arena
         good, bad = read.result(60)
     assert bytes.fromhex(good) == VICTIM.tobytes()
     assert bad.startswith(DESCRIPTOR_ERROR + ": ") and "MAC does not verify" in bad
+
+
+_OWN = ImageNormalization(1 / 255, (0.5, 0.25, 0.125), (0.5, 0.5, 2.0))
+_OWN_JSON = '{"rescale_factor":0.00392156862745098,"image_mean":[0.5,0.25,0.125],"image_std":[0.5,0.5,2.0]}'
+
+
+@pytest.mark.parametrize(
+    ("given", "dtype", "own", "message"),
+    [
+        (_OWN.to_json(), "uint8", _OWN, None),
+        (None, "float32", _OWN, None),
+        (None, "bfloat16", None, None),
+        (
+            _OWN.to_json(),
+            "float32",
+            _OWN,
+            "f.normalize: only uint8 pixel_values carry a normalisation; this part has float32 pixel_values, "
+            "used as they are",
+        ),
+        (
+            _OWN.to_json(),
+            None,
+            _OWN,
+            "f.normalize: only uint8 pixel_values carry a normalisation; this part has no pixel_values, "
+            "used as they are",
+        ),
+        (_OWN.to_json(), "uint8", None, "f.normalize: NO REASON: it takes no uint8 pixel_values"),
+        (
+            None,
+            "uint8",
+            _OWN,
+            "f.normalize: uint8 pixel_values need the normalisation they were made for (rescale_factor, image_mean, "
+            f"image_std); this model's is {_OWN_JSON}",
+        ),
+        (
+            {**_OWN.to_json(), "image_std": [0.5, 0.5]},
+            "uint8",
+            _OWN,
+            "f.normalize.image_std: has 2 values, this model's image processor has 3 (one per channel)",
+        ),
+        (
+            {**_OWN.to_json(), "rescale_factor": 0.0039},
+            "uint8",
+            _OWN,
+            f"f.normalize: {_OWN_JSON.replace('0.00392156862745098', '0.0039')} does not match this model's image "
+            f"processor ({_OWN_JSON}): the sidecar's preprocess.processor must be the served model's",
+        ),
+        ({"rescale_factor": 1}, "uint8", _OWN, "f.normalize: must have exactly the keys"),
+    ],
+)
+def test_check_normalize_names_what_differs(given: Any, dtype: str | None, own: Any, message: str | None) -> None:
+    # The one check both engines (reference and the vLLM plugin) answer a tensor part's normalize with.
+    if message is None:
+        check_normalize(given, dtype, own, "f.normalize", "NO REASON")
+        return
+    with pytest.raises(ValueError) as caught:
+        check_normalize(given, dtype, own, "f.normalize", "NO REASON")
+    assert str(caught.value).startswith(message), str(caught.value)
