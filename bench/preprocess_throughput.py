@@ -481,10 +481,7 @@ def _compare_one(
             row.kernel = f"{kernel.simd}, Pillow order {kernel.order}" if kernel else kernels.unavailable()
 
             # what the fast path resizes: the whole image, or only its center crop (CLIP)
-            window: tuple[int, int, int, int] | None = None
-            if crop is not None:
-                left, top = (w - crop[1]) // 2, (h - crop[0]) // 2
-                window = (left, top, left + crop[1], top + crop[0])
+            window = None if crop is None else fast.crop_window(first[label].width, first[label].height)
 
             def steps(
                 data: bytes,

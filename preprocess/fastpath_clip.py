@@ -248,6 +248,14 @@ class ClipFastPath:
         assert self.shortest_edge is not None
         return self._resize_output_size(height, width, self.shortest_edge)
 
+    def crop_window(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the centre crop in the resized ``width`` x ``height`` image,
+        at ``center_crop``'s offsets (rounded down); the whole resized image where there is no crop."""
+        h, w = self.resized_size(width, height)
+        crop_h, crop_w = self.crop_hw or (h, w)
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        return left, top, left + crop_w, top + crop_h
+
     def output_shapes(self, width: int, height: int) -> Shapes:
         """Name -> (shape, dtype name) of the output for a ``width`` x ``height`` image, as the processor emits."""
         h, w = self.crop_hw or self.resized_size(width, height)
@@ -272,16 +280,16 @@ class ClipFastPath:
                 f"pixel_values: need a C-contiguous {dtype} array of shape {shape}, got {out.dtype} {out.shape}"
             )
         h, w = self.resized_size(image.width, image.height)
+        window = left, top, right, bottom = self.crop_window(image.width, image.height)
         crop_h, crop_w = shape[2], shape[3]
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2  # center_crop's offsets
         pixels: npt.NDArray[np.uint8]  # (crop_h, crop_w, 3 or 4) uint8
         if image.size != (w, h) and self.kernel is not None:
             # only the crop is resized: (crop_h, crop_w, 4), R, G, B, pad
-            pixels = self.kernel.resize(image, w, h, self.resample, (left, top, left + crop_w, top + crop_h))
+            pixels = self.kernel.resize(image, w, h, self.resample, window)
         else:
             if image.size != (w, h):
                 image = image.resize((w, h), resample=self.resample, reducing_gap=None)
-            pixels = np.asarray(image)[top : top + crop_h, left : left + crop_w]
+            pixels = np.asarray(image)[top:bottom, left:right]
         planes = out.reshape(CHANNELS, crop_h, crop_w)
         for channel in range(CHANNELS):
             # uint8 indices are always in range: "clip" skips take's bounds check and buffering.
