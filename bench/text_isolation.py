@@ -38,7 +38,7 @@ from typing import Any
 from . import services
 from .client import Outcome, chat_body, post
 from .cpu import CpuLoad, Placement, nproc
-from .gate_table import Row, parse_size, start_row
+from .gate_table import Row, parse_size, pixel_bytes, start_row
 from .images import data_url, photo_jpeg
 from .report import append_results, base_parser, command_line, plot_path, save_plot
 from .stats import markdown_table, ms, percentile, verdict
@@ -369,12 +369,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--placements: shared and/or split, got {args.placements!r}")
     width, height = parse_size(args.size)
 
-    from preprocess.cost import output_nbytes  # noqa: PLC0415
     from preprocess.extents import reservation_size  # noqa: PLC0415
     from preprocess.processors import read_spec, resolve_processor  # noqa: PLC0415
 
     model = services.ensure_model(args.model)
-    per_image = output_nbytes(read_spec(resolve_processor(str(model))), width, height)
+    # one image's reservation in each transport dtype: an `offload:G+uint8` row's slots are uint8's
+    per_image = pixel_bytes(read_spec(resolve_processor(str(model))), width, height)
     jpegs = [photo_jpeg(width, height, seed=i) for i in range(min(8, args.images))]
     image_bodies = [chat_body(image_url=data_url(jpegs[i % len(jpegs)])) for i in range(args.images)]
     text_body = chat_body(text="Say hello.")
@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args=_with_workers(args, placement),
                         image_bodies=image_bodies,
                         text_body=text_body,
-                        arena_per_slot=reservation_size(per_image),
+                        arena_per_slot=reservation_size(per_image[row.pixels]),
                         placement=placement,
                     )
                 )
