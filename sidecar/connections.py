@@ -36,13 +36,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
+from .app_keys import METRICS
 from .config import ServerConfig
+from .errors import Cause
 
 log = logging.getLogger("mm_sidecar")
 
@@ -70,11 +73,13 @@ class SidecarRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         stock = await super()._make_server()  # runs the app's startup (cleanup_ctx) and freezes it
+        counter = self.app[METRICS].rejections.labels(Cause.HEADER_TIMEOUT.code)
         return _Server(
             stock.request_handler,
             request_factory=stock.request_factory,
             handler_cancellation=stock.handler_cancellation,
             header_timeout_s=self._header_timeout_s,
+            on_header_timeout=counter.inc,
             # What the app put together for each RequestHandler (keepalive_timeout, access log, debug,
             # handler_args): aiohttp keeps it as `Server._kwargs`.
             **stock._kwargs,
@@ -82,9 +87,12 @@ class SidecarRunner(web.AppRunner):
 
 
 class _Server(web.Server):
-    def __init__(self, handler: Any, *, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Any, *, header_timeout_s: float, on_header_timeout: Callable[[], None], **kwargs: Any
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._header_timeout_s = header_timeout_s
+        self._on_header_timeout = on_header_timeout
         self._connection_loop = kwargs.get("loop") or asyncio.get_running_loop()
         self._connection_kwargs = {
             k: v for k, v in kwargs.items() if k not in ("request_factory", "handler_cancellation", "loop")
@@ -92,16 +100,23 @@ class _Server(web.Server):
 
     def __call__(self) -> RequestHandler:
         return _Connection(
-            self, loop=self._connection_loop, header_timeout_s=self._header_timeout_s, **self._connection_kwargs
+            self,
+            loop=self._connection_loop,
+            header_timeout_s=self._header_timeout_s,
+            on_header_timeout=self._on_header_timeout,
+            **self._connection_kwargs,
         )
 
 
 class _Connection(RequestHandler):
-    __slots__ = ("_header_clock", "_header_timeout_s", "_last_body")
+    __slots__ = ("_header_clock", "_header_timeout_s", "_last_body", "_on_header_timeout")
 
-    def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, *, header_timeout_s: float, on_header_timeout: Callable[[], None], **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout_s = header_timeout_s
+        self._on_header_timeout = on_header_timeout
         self._header_clock: asyncio.TimerHandle | None = None
         # The body of the latest request whose headers arrived: bytes while it is unfinished are its body.
         self._last_body: StreamReader | None = None
@@ -144,6 +159,7 @@ class _Connection(RequestHandler):
         transport = self.transport
         if transport is None or self._force_close or self._close:
             return
+        self._on_header_timeout()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             # Idle: every earlier response is written, so the 408 answers the unfinished request.

@@ -36,6 +36,9 @@ class Cause(enum.Enum):
         "remote_url_forbidden", 400, "invalid_request_error", "invalid_request_error", False
     )
     BODY_TIMEOUT = _CauseInfo("body_timeout", 408, "invalid_request_error", "invalid_request_error", False)
+    # Request headers that did not arrive in time (connections.py): a plain 408, then the connection
+    # closes. Counted in mm_sidecar_rejections_total like the others; no API shape (no request yet).
+    HEADER_TIMEOUT = _CauseInfo("header_timeout", 408, "invalid_request_error", "invalid_request_error", False)
     BODY_TOO_LARGE = _CauseInfo("body_too_large", 413, "invalid_request_error", "request_too_large", False)
     OVER_BUDGET = _CauseInfo("over_budget", 413, "invalid_request_error", "request_too_large", False)
     QUEUE_FULL = _CauseInfo("queue_full", 429, "rate_limit_error", "rate_limit_error", True)

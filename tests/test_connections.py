@@ -116,6 +116,14 @@ async def test_headers_trickled_from_the_opening_get_408_and_close(listen: Liste
     assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received
     assert b"server.header_timeout_s=0.5" in received
     assert 0.45 <= closed_at - opened < 1.5
+    assert await header_timeouts(s) == 1.0  # in mm_sidecar_rejections_total, for the operator
+
+
+async def header_timeouts(s: Listening) -> float:
+    async with aiohttp.ClientSession() as http, http.get(s.make_url("/metrics")) as resp:
+        text = await resp.text()
+    line = 'mm_sidecar_rejections_total{reason="header_timeout"} '
+    return sum(float(row[len(line) :]) for row in text.splitlines() if row.startswith(line))
 
 
 async def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(listen: ListenFactory) -> None:
@@ -129,6 +137,7 @@ async def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(l
         writer.close()
     assert received.startswith(b"HTTP/1.1 408 ")
     assert 0.45 <= elapsed < 1.5
+    assert await header_timeouts(s) == 1.0
 
 
 async def test_the_clock_of_a_later_request_starts_at_its_first_byte(listen: ListenFactory) -> None:
