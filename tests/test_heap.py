@@ -67,8 +67,12 @@ def test_freeze_frees_startup_garbage_and_exempts_the_rest() -> None:
     del garbage
     try:
         frozen = freeze_heap()
+        now = gc.get_freeze_count()
         assert dead() is None  # collected first, not pinned for good
-        assert frozen == gc.get_freeze_count() > 1000
+        # What freeze_heap reports is the permanent generation at the freeze. Objects leave it only
+        # when freed, never join it: a thread an earlier test left running freed two in between once
+        # (CI), so the count read after it may be a few lower, never higher.
+        assert frozen > 1000 and frozen - 100 < now <= frozen, (frozen, now)
         assert not any(obj is kept for obj in gc.get_objects())  # in the permanent generation: never walked
         started = time.perf_counter()
         gc.collect(2)
